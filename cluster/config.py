@@ -1,0 +1,102 @@
+"""The one run configuration: sections owned by each layer, composed here, loaded
+from YAML with `section.field=value` overrides, validated once at start."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from streaming.config import KafkaConfig, Strict, WorldConfig
+from trainer.config import ModelConfig, OptimConfig
+
+
+class TrainLoopConfig(Strict):
+    workers: int = Field(2, ge=1, description="Ray Train workers; each owns some partitions and table shards")
+    use_gpu: bool | None = Field(None, description="None: use CUDA when present")
+    threads_per_worker: int = Field(1, ge=1)
+    duration_s: float = Field(150.0, gt=0, description="stop training after this long (a service runs with a large value)")
+    max_steps: int | None = Field(None, ge=1)
+    publish_every_s: float = Field(30.0, gt=0)
+    publish_every_steps: int = Field(1000, ge=1)
+    checkpoint_every_s: float = Field(120.0, gt=0)
+    status_every_s: float = Field(10.0, gt=0)
+    min_items_before_training: int = Field(64, ge=1, description="announced items to wait for before fitting cluster IDs")
+    seed: int = 0
+
+
+class PublishConfig(Strict):
+    keep_versions: int = Field(3, ge=1)
+    index_factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat")
+
+
+class Config(Strict):
+    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    runs_dir: Path = Path("runs")
+    kafka: KafkaConfig = KafkaConfig()
+    world: WorldConfig = WorldConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    publish: PublishConfig = PublishConfig()
+
+    @model_validator(mode="after")
+    def _world_fits_tables(self) -> "Config":
+        if self.world.n_users > self.model.max_users:
+            raise ValueError(f"world.n_users={self.world.n_users} exceeds model.max_users={self.model.max_users}")
+        if self.world.initial_items + self.world.new_items > self.model.max_items:
+            raise ValueError(f"world.initial_items + world.new_items exceeds model.max_items={self.model.max_items}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return (self.runs_dir / self.run_name).resolve()
+
+
+class ConfigError(SystemExit):
+    """Raised with a message that names the offending field; exits the CLI with status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+        self.message = message
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **fields: Any) -> Config:
+    """YAML file (optional) < `a.b=value` overrides < keyword fields (dotted names, from CLI flags)."""
+    tree: dict = {}
+    if path:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config error: cannot read {path}: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config error: override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    for key, value in fields.items():
+        if value is not None:
+            _set_path(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "config"
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            lines.append(f"config error: {field}: {err['msg']}{got}")
+        raise ConfigError("\n".join(lines)) from None

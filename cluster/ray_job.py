@@ -1,0 +1,68 @@
+"""Ray bring-up and the TorchTrainer that runs `train_loop_per_worker`."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from cluster.config import Config
+from cluster.devices import backend, want_gpu
+from cluster.worker import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every worker gets: CPU accelerator for DeepSpeed unless CUDA, a project-owned
+    cache for DeepSpeed's JIT-compiled ops, one thread per worker."""
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
+    if not want_gpu(None):
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def start_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.update(worker_env())
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # a real cluster: join it
+        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=max(cfg.train.workers, os.cpu_count() or 1),
+        object_store_memory=256 * 1024**2,
+        include_dashboard=False,
+        _temp_dir=f"/tmp/ray-cs-{os.getuid()}",
+        runtime_env={"env_vars": worker_env()},
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+
+
+def run_training(cfg: Config, bootstrap: str) -> dict:
+    """Trains until the configured budget; returns the final metrics of rank 0."""
+    start_ray(cfg)
+    gpu = want_gpu(cfg.train.use_gpu)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json") | {"runs_dir": str(cfg.runs_dir.resolve())}, "bootstrap": bootstrap},
+        torch_config=TorchConfig(backend=backend(gpu)),
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu, resources_per_worker={"CPU": 1} | ({"GPU": 1} if gpu else {})),
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(cfg.run_dir / "ray"), failure_config=FailureConfig(max_failures=1)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})

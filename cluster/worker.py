@@ -1,0 +1,275 @@
+"""`train_loop_per_worker`: what each Ray Train worker runs.
+
+Each worker consumes its own interaction partitions and reads every item
+announcement, trains its shards of the ID tables (DMP) and its replica of the dense
+engine (DeepSpeed), and takes part in publication and checkpoints. All workers make
+the same collective calls in the same order: every loop iteration starts with one
+small all-reduce that agrees on whether to step, publish, checkpoint or stop.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from cluster.config import Config
+from cluster.devices import deepspeed_config, want_gpu
+from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
+from embeddings.publish import IndexPublisher
+from embeddings.tables import shard_sparse_arch
+from streaming.consumer import InteractionStream, ItemFeed, owned_partitions
+from streaming.shards import ShardCache
+from trainer.batch import ContentStore, make_batch
+from trainer.model import DenseArch
+from trainer.step import TrainStep, export_vectors
+
+log = logging.getLogger("coldstream.worker")
+DS_TAG = "dense"
+
+
+class ReplayWindow:
+    """The most recent positive pairs; steps sample from it between fresh events."""
+
+    def __init__(self, capacity: int):
+        self.pairs = np.zeros((capacity, 2), np.int64)
+        self.size = self.head = 0
+
+    def add(self, pairs: np.ndarray) -> None:
+        for row in pairs[-len(self.pairs):]:
+            self.pairs[self.head] = row
+            self.head = (self.head + 1) % len(self.pairs)
+            self.size = min(self.size + 1, len(self.pairs))
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return self.pairs[rng.integers(0, self.size, n)]
+
+
+class Worker:
+    def __init__(self, cfg: Config, bootstrap: str):
+        self.cfg, self.bootstrap = cfg, bootstrap
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.gpu = want_gpu(cfg.train.use_gpu)
+        self.device = ray.train.torch.get_device() if self.gpu else torch.device("cpu")
+        torch.set_num_threads(cfg.train.threads_per_worker)
+        torch.manual_seed(cfg.train.seed)
+        self.rng = np.random.default_rng((cfg.train.seed, self.rank))
+        self.run_dir = cfg.run_dir
+        m, o = cfg.model, cfg.optim
+
+        import deepspeed  # imported here: it probes accelerators at import time
+
+        self.sparse = shard_sparse_arch(m, self.device, o.sparse_lr)
+        dense = DenseArch(m).to(self.device)
+        optimizer = torch.optim.AdamW(dense.parameters(), lr=o.dense_lr, weight_decay=o.weight_decay)
+        self.engine, *_ = deepspeed.initialize(
+            model=dense, optimizer=optimizer, dist_init_required=False,
+            config=deepspeed_config(o.batch_size, self.world, o.zero_stage, o.gradient_clipping, self.gpu),
+        )
+        self.step_fn = TrainStep(self.sparse, self.engine, m.temperature, self.device)
+
+        self.step = 0
+        self.counts = np.zeros(m.max_items, np.int64)  # events seen per item on this worker's partitions
+        self.users: set[int] = set()
+        self.clusters: tuple[ClusterModel, ClusterModel] | None = None
+        offsets: dict[int, int] = {}
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                offsets = self._restore(Path(d))
+        parts = owned_partitions(cfg.kafka.interaction_partitions, self.rank, self.world)
+        self.stream = InteractionStream(cfg.kafka, bootstrap, parts, m.max_users, m.max_items, offsets, f"coldstream-w{self.rank}")
+        self.feed = ItemFeed(cfg.kafka, bootstrap, m.max_items, f"coldstream-items-w{self.rank}")
+        self.shards = ShardCache(m.frames, m.frame_size)
+        self.store = ContentStore(m)
+        self.unclustered: list = []  # content read before the cluster model exists
+        self.waiting: dict[int, list[int]] = defaultdict(list)  # positives whose item is not announced yet
+        self.fresh: list[tuple[int, int]] = []
+        self.replay = ReplayWindow(o.replay_window)
+        self.publisher = IndexPublisher(self.run_dir / "index", cfg.publish.keep_versions, cfg.publish.index_factory)
+        self.dropped_unknown_item = 0
+        self.losses: list[float] = []
+        log.info("worker %d/%d on %s owns partitions %s (resumed at step %d)", self.rank, self.world, self.device, parts, self.step)
+
+    # ---- input -----------------------------------------------------------------------------
+    def _add_content(self, content) -> None:
+        frame_km, text_km = self.clusters
+        fc = int(frame_km.assign(frame_descriptor(content.frames)[None])[0])
+        tc = int(text_km.assign(text_descriptor(content.text)[None])[0])
+        self.store.add(content.item_id, content.frames, content.has_frames, content.text, fc, tc)
+        for user in self.waiting.pop(content.item_id, []):
+            self.fresh.append((user, content.item_id))
+
+    def _ingest(self) -> None:
+        for ann in self.feed.poll():
+            content = self.shards.fetch(ann.item_id, ann.shard_url)
+            if content is None:
+                self.dropped_unknown_item += len(self.waiting.pop(ann.item_id, []))
+            elif self.clusters is None:
+                self.unclustered.append(content)
+            else:
+                self._add_content(content)
+        for ev in self.stream.poll():
+            self.counts[ev.item_id] += 1
+            self.users.add(ev.user_id)
+            if not ev.positive:
+                continue
+            if ev.item_id in self.store:
+                self.fresh.append((ev.user_id, ev.item_id))
+            elif ev.item_id in self.shards.skipped:
+                self.dropped_unknown_item += 1
+            else:
+                self.waiting[ev.item_id].append(ev.user_id)
+
+    def _fit_clusters(self) -> None:
+        """Rank 0 fits k-means on the first announced items; every rank gets the same centroids."""
+        deadline = time.monotonic() + 120
+        while self.rank == 0 and len(self.unclustered) < self.cfg.train.min_items_before_training and time.monotonic() < deadline:
+            self._ingest()
+        box = [None]
+        if self.rank == 0:
+            if not self.unclustered:
+                raise RuntimeError("no item content arrived within 120 s; is the items topic empty?")
+            k = self.cfg.model.n_clusters
+            box = [(ClusterModel.fit(np.stack([frame_descriptor(c.frames) for c in self.unclustered]), k).centroids,
+                    ClusterModel.fit(np.stack([text_descriptor(c.text) for c in self.unclustered]), k).centroids)]
+        dist.broadcast_object_list(box, src=0)
+        self.clusters = (ClusterModel(box[0][0]), ClusterModel(box[0][1]))
+        for content in self.unclustered:
+            self._add_content(content)
+        self.unclustered = []
+
+    def _next_batch(self):
+        b = self.cfg.optim.batch_size
+        take, self.fresh = self.fresh[:b], self.fresh[b:]
+        fresh = np.array(take, np.int64).reshape(-1, 2)
+        self.replay.add(fresh)
+        pairs = fresh if len(fresh) == b else np.concatenate([fresh, self.replay.sample(self.rng, b - len(fresh))])
+        return make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng)
+
+    # ---- collective actions ----------------------------------------------------------------
+    def _sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def publish(self) -> dict:
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (set(self.store.items), self.users, self.stream.positions()))
+        items = np.array(sorted(set.intersection(*(g[0] for g in gathered))), np.int64)
+        users = np.array(sorted(set.union(*(g[1] for g in gathered))), np.int64)
+        counts = torch.from_numpy(self.counts.astype(np.float64))
+        dist.all_reduce(counts)
+        mature = counts.numpy()[items] >= self.cfg.model.maturity_threshold
+        item_vecs, user_vecs = export_vectors(self.sparse, self.engine.module, self.store, items, users, mature, self.device)
+        info = {"step": self.step, "mature_items": int(mature.sum()), "kafka_offsets": {
+            self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}}}
+        if self.rank == 0 and len(items):
+            pub = self.publisher.publish(items, item_vecs, users, user_vecs, info)
+            log.info("published index v%d: %d items (%d mature), %d users, step %d", pub.version, len(items), info["mature_items"], len(users), self.step)
+            return {"version": pub.version}
+        return {}
+
+    def checkpoint(self, metrics: dict) -> None:
+        """Sparse shards (torch.distributed.checkpoint), dense engine (DeepSpeed) and Kafka
+        offsets, written per rank and merged by Ray into one checkpoint directory."""
+        with tempfile.TemporaryDirectory(prefix="coldstream-ckpt-") as d:
+            d = Path(d)
+            dcp.save({"model": self.sparse.state_dict(), "optim": self.sparse.fused_optimizer.state_dict()},
+                     storage_writer=dcp.FileSystemWriter(str(d / "sparse")))
+            self.engine.save_checkpoint(str(d / "dense"), tag=DS_TAG)
+            np.save(d / f"counts-rank{self.rank}.npy", self.counts)
+            (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
+                "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step}))
+            if self.rank == 0:
+                np.savez(d / "clusters.npz", frame=self.clusters[0].centroids, text=self.clusters[1].centroids)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+
+    def _restore(self, d: Path) -> dict[int, int]:
+        state = {"model": self.sparse.state_dict(), "optim": self.sparse.fused_optimizer.state_dict()}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(d / "sparse")))
+        self.sparse.load_state_dict(state["model"])
+        self.sparse.fused_optimizer.load_state_dict(state["optim"])
+        self.engine.load_checkpoint(str(d / "dense"), tag=DS_TAG)
+        mine = json.loads((d / f"stream-rank{self.rank}.json").read_text())
+        self.counts = np.load(d / f"counts-rank{self.rank}.npy")
+        self.users = set(mine["users"])
+        self.step = mine["step"]
+        c = np.load(d / "clusters.npz")
+        self.clusters = (ClusterModel(c["frame"]), ClusterModel(c["text"]))
+        log.info("restored checkpoint at step %d, offsets %s", self.step, mine["offsets"])
+        return {int(p): int(o) for p, o in mine["offsets"].items()}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        t = self.cfg.train
+        if self.clusters is None:
+            self._fit_clusters()
+        start = last_pub = last_ckpt = last_status = time.monotonic()
+        start_step = last_pub_step = self.step
+        train_time = 0.0
+        metrics_path = self.run_dir / "metrics.jsonl"
+        version = None
+        while True:
+            self._ingest()
+            now = time.monotonic()
+            ready = len(self.fresh) + self.replay.size >= self.cfg.optim.batch_size
+            lead = self.rank == 0
+            stop = lead and (now - start > t.duration_s or (t.max_steps is not None and self.step >= t.max_steps))
+            pub = lead and self.step > last_pub_step and (now - last_pub > t.publish_every_s or self.step - last_pub_step >= t.publish_every_steps)
+            ckpt = lead and now - last_ckpt > t.checkpoint_every_s
+            not_ready, stop, pub, ckpt = self._sum([float(not ready), stop, pub, ckpt])
+            if stop:
+                break
+            if not not_ready:
+                t0 = time.perf_counter()
+                self.losses.append(self.step_fn(self._next_batch()))
+                train_time += time.perf_counter() - t0
+                self.step += 1
+            if pub:
+                version = self.publish().get("version", version)
+                last_pub, last_pub_step = time.monotonic(), self.step
+            if ckpt:
+                self.checkpoint({"step": self.step})
+                last_ckpt = time.monotonic()
+            if lead and now - last_status > t.status_every_s and self.losses:
+                steps = self.step - start_step
+                ex_s = steps * self.cfg.optim.batch_size * self.world / max(now - start, 1e-9)
+                loss = float(np.mean(self.losses[-20:]))
+                print(f"[coldstream] step {self.step} loss {loss:.3f} | {steps / (now - start):.1f} steps/s "
+                      f"{ex_s:.0f} ex/s | w0 consumed {self.stream.stats.consumed} lag {self.stream.lag()} "
+                      f"dead-letter {self.stream.stats.malformed} | items {len(self.store)} | index v{version}", flush=True)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"t": time.time(), "step": self.step, "loss": loss, "examples_per_s": ex_s}) + "\n")
+                last_status = now
+        version = self.publish().get("version", version)
+        consumed, malformed, dropped, skipped, ttime = self._sum([
+            self.stream.stats.consumed, self.stream.stats.malformed, self.dropped_unknown_item,
+            len(self.shards.skipped) if self.rank == 0 else 0, train_time])
+        steps = self.step - start_step
+        final = {
+            "events_consumed": int(consumed), "dead_lettered": int(malformed), "events_dropped_missing_content": int(dropped),
+            "items_skipped": int(skipped), "train_steps": self.step, "steps_this_run": steps,
+            "examples_per_s": steps * self.cfg.optim.batch_size * self.world / max(ttime / self.world, 1e-9),
+            "final_loss": float(np.mean(self.losses[-20:])) if self.losses else None, "index_version": version,
+        }
+        self.checkpoint(final)
+        self.stream.close()
+        self.feed.close()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    from cluster.logs import setup_logging
+
+    setup_logging()
+    Worker(Config.model_validate(config["cfg"]), config["bootstrap"]).run()

@@ -1,0 +1,90 @@
+"""Publishing item vectors as versions of a FAISS serving index.
+
+A version is a directory `v000007/` holding the index (ids are item ids), the user
+vectors the serving side scores with, and `manifest.json` (version, step, wall time,
+Kafka offsets, sha256 of every file). It is written under a temporary name and
+renamed into place, then `LATEST` is replaced atomically: a reader sees a whole
+version or none. Only the newest `keep` versions stay on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+INDEX_FILE, ITEMS_FILE, USERS_FILE, MANIFEST, LATEST = "items.faiss", "item_ids.npy", "users.npz", "manifest.json", "LATEST"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def version_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("v[0-9]*") if p.is_dir())
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> faiss.Index:
+    """Inner-product index over unit vectors (cosine); ids are the item ids themselves."""
+    base = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not base.is_trained:
+        base.train(vectors)
+    index = faiss.IndexIDMap2(base)
+    index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids.astype(np.int64))
+    return index
+
+
+@dataclass
+class Published:
+    version: int
+    path: Path
+    manifest: dict
+
+
+class IndexPublisher:
+    def __init__(self, root: str | Path, keep: int = 3, factory: str = "Flat"):
+        self.root = Path(root)
+        self.keep, self.factory = keep, factory
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def next_version(self) -> int:
+        dirs = version_dirs(self.root)
+        return int(dirs[-1].name[1:]) + 1 if dirs else 1
+
+    def publish(self, item_ids: np.ndarray, item_vecs: np.ndarray, user_ids: np.ndarray, user_vecs: np.ndarray, info: dict) -> Published:
+        version = self.next_version()
+        tmp = self.root / f".tmp-v{version:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        faiss.write_index(build_index(item_vecs, item_ids, self.factory), str(tmp / INDEX_FILE))
+        np.save(tmp / ITEMS_FILE, item_ids.astype(np.int64))
+        np.savez(tmp / USERS_FILE, ids=user_ids.astype(np.int64), vectors=user_vecs.astype(np.float32))
+        manifest = {
+            "version": version,
+            "wall_time": time.time(),
+            "n_items": int(len(item_ids)),
+            "n_users": int(len(user_ids)),
+            "dim": int(item_vecs.shape[1]),
+            "index_factory": self.factory,
+            **info,
+            "checksums": {f: sha256(tmp / f) for f in (INDEX_FILE, ITEMS_FILE, USERS_FILE)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        final = self.root / f"v{version:06d}"
+        os.rename(tmp, final)
+        latest_tmp = self.root / f".{LATEST}.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, self.root / LATEST)
+        for old in version_dirs(self.root)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return Published(version, final, manifest)

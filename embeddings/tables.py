@@ -1,0 +1,53 @@
+"""Embedding table specs and how they are sharded across the Ray workers.
+
+User and item tables grow with the product and are sharded row-wise (each worker
+holds a slice of rows); the cluster-ID tables are tiny and placed whole on one
+worker (table-wise). Optimizers are fused into backward, as in TorchRec's
+examples: RowWiseAdagrad for row-wise tables, Adagrad for table-wise ones (the
+fused CPU kernels offer SGD, Adagrad and RowWiseAdagrad; Adam is GPU-only).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torchrec import EmbeddingConfig
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingType
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from trainer.config import ModelConfig
+from trainer.model import FRAME_CLUSTER, ITEM, TEXT_CLUSTER, USER, SparseArch
+
+ROW_WISE_TABLES = ("user_ids", "item_ids")
+
+
+def table_configs(cfg: ModelConfig) -> list[EmbeddingConfig]:
+    dim = cfg.embedding_dim
+    return [
+        EmbeddingConfig(name="user_ids", embedding_dim=dim, num_embeddings=cfg.max_users, feature_names=[USER]),
+        EmbeddingConfig(name="item_ids", embedding_dim=dim, num_embeddings=cfg.max_items, feature_names=[ITEM]),
+        EmbeddingConfig(name="frame_clusters", embedding_dim=dim, num_embeddings=cfg.n_clusters, feature_names=[FRAME_CLUSTER]),
+        EmbeddingConfig(name="text_clusters", embedding_dim=dim, num_embeddings=cfg.n_clusters, feature_names=[TEXT_CLUSTER]),
+    ]
+
+
+def shard_sparse_arch(cfg: ModelConfig, device: torch.device, sparse_lr: float) -> DistributedModelParallel:
+    """Builds the ID tables on the meta device and lets DMP materialise only this rank's shards."""
+    sparse = SparseArch(table_configs(cfg), device="meta")
+    for name, table in sparse.ec.embeddings.items():
+        opt_cls = RowWiseAdagrad if name in ROW_WISE_TABLES else torch.optim.Adagrad
+        apply_optimizer_in_backward(opt_cls, [table.weight], {"lr": sparse_lr})
+    world = dist.get_world_size()
+    constraints = {
+        t.name: ParameterConstraints(
+            sharding_types=[ShardingType.ROW_WISE.value if t.name in ROW_WISE_TABLES else ShardingType.TABLE_WISE.value]
+        )
+        for t in table_configs(cfg)
+    }
+    topology = Topology(world_size=world, compute_device=device.type)
+    sharders = [EmbeddingCollectionSharder()]
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(sparse, sharders, dist.GroupMember.WORLD)
+    return DistributedModelParallel(sparse, device=device, plan=plan, sharders=sharders)

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""coldstream's one command line.
+
+  demo     local broker + synthetic world + 2 Ray workers + index publication + evaluation
+  train    train on a broker's streams (--bootstrap-servers), or on the embedded default
+  produce  run the synthetic world against a broker (shards + announcements + events)
+  broker   run a local Tansu broker with the project's topics until Ctrl-C
+
+Every subcommand reads one typed configuration: --config FILE.yaml, then
+--set section.field=value overrides, then the flags below. A bad value stops the
+run before anything starts, with a message naming the field.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("demo", "train", "produce", "broker"):
+        s = sub.add_parser(name)
+        s.add_argument("--config", help="YAML file with any of the sections: kafka, world, model, optim, train, publish")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+        s.add_argument("--bootstrap-servers", help="host:port of an existing Kafka cluster (default: start a local Tansu broker)")
+        s.add_argument("--run-name")
+        s.add_argument("--runs-dir")
+        if name in ("demo", "train"):
+            s.add_argument("--workers", type=int)
+            s.add_argument("--duration-s", type=float)
+            s.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="force CUDA on/off (default: use it when present)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from cluster.config import ConfigError, load_config
+    from cluster.logs import setup_logging
+
+    setup_logging()
+    try:
+        cfg = load_config(
+            args.config, args.overrides,
+            **{"kafka.bootstrap_servers": args.bootstrap_servers, "run_name": args.run_name, "runs_dir": args.runs_dir,
+               "train.workers": getattr(args, "workers", None), "train.duration_s": getattr(args, "duration_s", None),
+               "train.use_gpu": getattr(args, "gpu", None)},
+        )
+    except ConfigError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+    # SIGTERM behaves like Ctrl-C, so context managers stop the broker and Ray cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        result = COMMANDS[args.command](cfg)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if result is not None:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def _demo(cfg):
+    from cluster.demo import demo
+
+    return demo(cfg)
+
+
+def _train(cfg):
+    from cluster.demo import train
+
+    return train(cfg)
+
+
+def _produce(cfg):
+    from cluster.services import WorldProducer, broker_for, write_truth
+
+    with broker_for(cfg) as bootstrap:
+        print(f"producing to {bootstrap}", flush=True)
+        producer = WorldProducer(cfg, bootstrap)
+        producer.start()
+        producer.join()
+        write_truth(producer.world, cfg.run_dir / "truth.json", cfg.world.seed)
+        if not cfg.kafka.bootstrap_servers:  # keep the local broker (and its data) up for a trainer
+            print(f"done; broker stays up at {bootstrap} until Ctrl-C", flush=True)
+            while True:
+                time.sleep(3600)
+    return {"produced": producer.producer.sent, "items": cfg.world.initial_items + cfg.world.new_items,
+            "cold_items": len(producer.world.cold_items), "shards": str(producer.shard_dir)}
+
+
+def _broker(cfg):
+    from cluster.services import broker_for
+
+    with broker_for(cfg) as bootstrap:
+        print(f"broker ready: --bootstrap-servers {bootstrap}", flush=True)
+        while True:
+            time.sleep(3600)
+
+
+COMMANDS = {"demo": _demo, "train": _train, "produce": _produce, "broker": _broker}
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Wire format of the two streams: interaction events and item announcements.
+
+Events are JSON on Kafka so that any producer (the generator, a dataset replay, a
+production service) can write them. Validation happens once, at the consumer, so a
+malformed message is caught before it can poison a training batch: the consumer
+forwards it to the dead-letter topic instead of raising.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+EVENT_TYPES: tuple[str, ...] = ("click", "play", "skip", "like")
+POSITIVE_EVENTS: frozenset[str] = frozenset({"click", "play", "like"})
+
+
+class MalformedMessage(ValueError):
+    """A message that can never be used; the reason goes into the dead-letter record."""
+
+
+@dataclass(frozen=True)
+class Interaction:
+    user_id: int
+    item_id: int
+    event: str
+    ts: float
+
+    @property
+    def positive(self) -> bool:
+        return self.event in POSITIVE_EVENTS
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class ItemAnnouncement:
+    """A new item: where its content shard lives, so a worker can fetch frames and text."""
+
+    item_id: int
+    shard_url: str
+    ts: float
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+def _int_field(obj: dict, name: str, upper: int) -> int:
+    value = obj.get(name)
+    # bool is an int subclass in Python; a JSON true is not an id.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MalformedMessage(f"field {name!r} must be an integer, got {value!r}")
+    if not 0 <= value < upper:
+        raise MalformedMessage(f"field {name!r}={value} outside [0, {upper})")
+    return value
+
+
+def _float_field(obj: dict, name: str) -> float:
+    value = obj.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise MalformedMessage(f"field {name!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _json_object(raw: bytes | None) -> dict:
+    if raw is None:
+        raise MalformedMessage("empty message")
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def decode_interaction(raw: bytes | None, max_users: int, max_items: int) -> Interaction:
+    """Parse and validate one event; ids must fit the embedding tables they index."""
+    obj = _json_object(raw)
+    event = obj.get("event")
+    if event not in EVENT_TYPES:
+        raise MalformedMessage(f"field 'event' must be one of {EVENT_TYPES}, got {event!r}")
+    return Interaction(
+        user_id=_int_field(obj, "user_id", max_users),
+        item_id=_int_field(obj, "item_id", max_items),
+        event=event,
+        ts=_float_field(obj, "ts"),
+    )
+
+
+def decode_announcement(raw: bytes | None, max_items: int) -> ItemAnnouncement:
+    obj = _json_object(raw)
+    url = obj.get("shard_url")
+    if not isinstance(url, str) or not url:
+        raise MalformedMessage(f"field 'shard_url' must be a non-empty string, got {url!r}")
+    return ItemAnnouncement(item_id=_int_field(obj, "item_id", max_items), shard_url=url, ts=_float_field(obj, "ts"))

@@ -1,0 +1,121 @@
+"""The two-tower retrieval model, split the way it is trained.
+
+`SparseArch` holds the TorchRec ID tables (users, items, per-modality cluster IDs);
+it is wrapped by DistributedModelParallel and its rows are updated by fused
+optimizers inside backward. `DenseArch` holds everything else (the seed-000 style
+transformer frame/clip encoder, the text encoder, fusion and tower MLPs); it is the
+DeepSpeed engine. One backward through the loss updates both.
+
+The item vector adds a content part (frames, text, cluster IDs: known the moment an
+item is announced) and an ID part (learned from interactions). Training drops the
+ID part for a share of items, so the content part alone must place an item well:
+that is what a cold item is served with.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+from trainer.config import ModelConfig
+
+USER, ITEM, FRAME_CLUSTER, TEXT_CLUSTER = "user_id", "item_id", "frame_cluster", "text_cluster"
+FEATURES = (USER, ITEM, FRAME_CLUSTER, TEXT_CLUSTER)
+
+
+class SparseArch(nn.Module):
+    """ID embedding tables; forward returns one [n, D] tensor per feature (one id per row)."""
+
+    def __init__(self, tables: list[EmbeddingConfig], device: torch.device | str = "meta"):
+        super().__init__()
+        self.ec = EmbeddingCollection(tables=tables, device=torch.device(device))
+
+    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        return {k: jt.values() for k, jt in self.ec(kjt).items()}
+
+
+def _encoder(d: int, heads: int, layers: int) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=0.0, batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+class FrameEncoder(nn.Module):
+    """ViT over patches of each frame, then a temporal transformer over the clip ([CLS] both times)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        n_patches = (cfg.frame_size // cfg.patch) ** 2
+        self.patchify = nn.Conv2d(3, d, cfg.patch, cfg.patch)
+        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, d) * 0.02)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.spatial = _encoder(d, cfg.heads, cfg.frame_layers)
+        self.tpos = nn.Parameter(torch.randn(1, cfg.frames + 1, d) * 0.02)
+        self.tcls = nn.Parameter(torch.zeros(1, 1, d))
+        self.temporal = _encoder(d, cfg.heads, cfg.temporal_layers)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: uint8 [N, F, S, S, 3] -> [N, d]."""
+        n, f = frames.shape[:2]
+        x = frames.flatten(0, 1).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = self.patchify(x).flatten(2).transpose(1, 2)  # [N*F, P, d]
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
+        per_frame = self.spatial(x)[:, 0].view(n, f, -1)
+        clip = torch.cat([self.tcls.expand(n, -1, -1), per_frame], 1) + self.tpos[:, : f + 1]
+        return self.norm(self.temporal(clip)[:, 0])
+
+
+def _sinusoid(length: int, d: int) -> torch.Tensor:
+    pos = torch.arange(length).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
+    pe = torch.zeros(length, d)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+    return pe
+
+
+class TextEncoder(nn.Module):
+    """BERT-like: word embeddings + fixed sinusoidal positions + transformer, [CLS] out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.words = nn.Embedding(cfg.text_vocab, d, padding_idx=0)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.register_buffer("pos", _sinusoid(cfg.text_len + 1, d).unsqueeze(0), persistent=False)
+        self.encoder = _encoder(d, cfg.heads, cfg.text_layers)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: int64 [N, T] (0 = padding) -> [N, d]."""
+        x = torch.cat([self.cls.expand(len(tokens), -1, -1), self.words(tokens)], 1) + self.pos[:, : tokens.shape[1] + 1]
+        pad = torch.cat([torch.zeros_like(tokens[:, :1], dtype=torch.bool), tokens == 0], 1)
+        return self.norm(self.encoder(x, src_key_padding_mask=pad)[:, 0])
+
+
+class DenseArch(nn.Module):
+    """Content encoders and both towers; returns unit-norm user and item vectors."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, e = cfg.d_model, cfg.embedding_dim
+        self.frames = FrameEncoder(cfg)
+        self.text = TextEncoder(cfg)
+        self.fuse = nn.Sequential(nn.Linear(2 * d + 2 * e, 2 * e), nn.GELU(), nn.Linear(2 * e, e))
+        self.id_proj = nn.Linear(e, e, bias=False)
+        self.user_mlp = nn.Sequential(nn.Linear(e, e), nn.GELU(), nn.Linear(e, e))
+
+    def user_vector(self, user_emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(user_emb + self.user_mlp(user_emb), dim=-1)
+
+    def item_vector(self, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep) -> torch.Tensor:
+        """id_keep [N] in {0,1}: 0 serves the item from content alone (cold or dropped)."""
+        z_frames = self.frames(frames) * has_frames.unsqueeze(1)
+        content = self.fuse(torch.cat([z_frames, self.text(tokens), frame_cluster_emb, text_cluster_emb], 1))
+        return F.normalize(content + self.id_proj(item_emb) * id_keep.unsqueeze(1), dim=-1)
+
+    def forward(self, user_emb, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep):
+        return self.user_vector(user_emb), self.item_vector(item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep)

@@ -1,0 +1,79 @@
+"""One training step across the two engines, and vector export for publication.
+
+The sparse tables (DMP, fused optimizer in backward) and the dense engine
+(DeepSpeed) share one autograd graph: `engine.backward(loss)` reaches the embedding
+lookups, whose fused optimizers update the touched rows during that same backward;
+`engine.step()` then updates the dense weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.batch import Batch, ContentStore, item_kjt, item_tensors, user_kjt
+from trainer.losses import in_batch_softmax_loss
+from trainer.model import FRAME_CLUSTER, ITEM, TEXT_CLUSTER, USER
+
+
+class TrainStep:
+    def __init__(self, sparse: torch.nn.Module, engine, temperature: float, device: torch.device):
+        self.sparse, self.engine, self.temperature, self.device = sparse, engine, temperature, device
+
+    def __call__(self, batch: Batch) -> float:
+        b = batch.to(self.device)
+        emb = self.sparse(b.kjt)
+        users, items = self.engine(emb[USER], emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], b.frames, b.tokens, b.has_frames, b.id_keep)
+        loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature)
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss.detach())
+
+
+def _chunks(ids: np.ndarray, rank: int, world: int, size: int) -> list[np.ndarray]:
+    """This rank's share of ids, in chunks; every rank gets the same number of chunks
+    (padded by repeating its first id) because each sharded lookup is a collective."""
+    mine = ids[rank::world]
+    per_rank = -(-len(ids) // world)
+    n_chunks = max(1, -(-per_rank // size))
+    if len(mine) == 0:
+        mine = ids[:1]
+    return [mine[c * size:(c + 1) * size] if c * size < len(mine) else mine[:1] for c in range(n_chunks)]
+
+
+@torch.no_grad()
+def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, user_ids: np.ndarray, mature: np.ndarray,
+                   device: torch.device, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors for the given items and users, computed by all ranks together.
+
+    `mature[k]` says whether item_ids[k] has enough interactions to trust its ID
+    embedding; immature items are served from content alone. Every rank returns the
+    full result (gathered), in the order of the ids given. All ranks must pass the
+    same ids.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    was_training = dense.training
+    dense.eval()
+    mature_of = dict(zip(item_ids.tolist(), mature.tolist()))
+    item_out: dict[int, np.ndarray] = {}
+    for part in _chunks(item_ids, rank, world, chunk):
+        emb = sparse(item_kjt(store, part).to(device))
+        t = {k: v.to(device) for k, v in item_tensors(store, part).items()}
+        keep = torch.tensor([float(mature_of[int(i)]) for i in part], device=device)
+        vec = dense.item_vector(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], t["frames"], t["tokens"], t["has_frames"], keep)
+        item_out.update(zip(part.tolist(), vec.float().cpu().numpy()))
+    user_out: dict[int, np.ndarray] = {}
+    for part in _chunks(user_ids, rank, world, 4 * chunk):
+        vec = dense.user_vector(sparse(user_kjt(part).to(device))[USER])
+        user_out.update(zip(part.tolist(), vec.float().cpu().numpy()))
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (item_out, user_out))
+        for items_part, users_part in gathered:
+            item_out.update(items_part)
+            user_out.update(users_part)
+    dense.train(was_training)
+    dim = next(iter(item_out.values())).shape[0]
+    items = np.stack([item_out[int(i)] for i in item_ids]) if len(item_ids) else np.zeros((0, dim), np.float32)
+    users = np.stack([user_out[int(u)] for u in user_ids]) if len(user_ids) else np.zeros((0, dim), np.float32)
+    return items.astype(np.float32), users.astype(np.float32)
