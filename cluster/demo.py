@@ -39,7 +39,7 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         def score() -> dict:
             nonlocal truth
             truth = producer.world.eval_truth(cfg.world.seed)  # cold set grows while new items arrive
-            return cold_quality(reader, truth, set(producer.world.cold_items))
+            return cold_quality(reader, truth, set(producer.world.cold_items), true_scores=producer.world.score)
 
         watcher = VersionWatcher(reader, score)
         watcher.start()
@@ -50,7 +50,7 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
             watcher.stop()
         watcher.poll()  # the last version, if the watcher had not seen it yet
         write_truth(producer.world, run_dir / "truth.json", cfg.world.seed)
-    quality = cold_quality(reader, producer.world.eval_truth(cfg.world.seed), set(producer.world.cold_items))
+    quality = cold_quality(reader, producer.world.eval_truth(cfg.world.seed), set(producer.world.cold_items), true_scores=producer.world.score)
     plot = training_curves(run_dir / "metrics.jsonl", watcher.history, run_dir / "curves.png")
     summary = {
         "events_consumed": final.get("events_consumed"),
@@ -67,6 +67,7 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         "cold_ndcg_at_20": quality.get("model", {}).get("ndcg@20"),
         "popularity_recall_at_20": quality.get("popularity", {}).get("recall@20"),
         "random_recall_at_20": quality.get("random", {}).get("recall@20"),
+        "oracle_recall_at_20": quality.get("oracle", {}).get("recall@20"),
         "recall_history": [round(h["model"]["recall@20"], 4) for h in watcher.history],
         "plot": str(plot),
         "wall_s": round(time.time() - started, 1),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -15,9 +16,12 @@ from trainer.evaluation import ranking_metrics
 log = logging.getLogger(__name__)
 
 
-def cold_quality(reader: IndexReader, truth: dict[int, list[int]], cold_items: set[int], k: int = 20, seed: int = 0) -> dict:
+def cold_quality(reader: IndexReader, truth: dict[int, list[int]], cold_items: set[int], k: int = 20, seed: int = 0,
+                 true_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> dict:
     """Recall@k of the model, of global popularity among the cold items (an oracle: it uses
-    the test positives' counts, the best ranking that ignores the user), and of a random order."""
+    the test positives' counts, the best ranking that ignores the user), and of a random order.
+    With `true_scores(users, items)` (a synthetic world's preference model) also the ceiling:
+    ranking by true taste, which the noise in the test positives keeps below 1."""
     cur = reader.current
     candidates = np.array(sorted(set(cur.item_ids.tolist()) & cold_items), np.int64)
     vecs, users = reader.user_vectors(sorted(truth))
@@ -35,7 +39,11 @@ def cold_quality(reader: IndexReader, truth: dict[int, list[int]], cold_items: s
     popular = sorted(counts, key=lambda i: -counts[i])[:k]
     rng = np.random.default_rng(seed)
     rand = {u: rng.permutation(candidates)[:k].tolist() for u in positives}
-    return {
+    extra = {}
+    if true_scores is not None:
+        order = np.argsort(-true_scores(np.array(list(positives)), candidates), axis=1)[:, :k]
+        extra["oracle"] = ranking_metrics({u: candidates[row].tolist() for u, row in zip(positives, order)}, positives, (k,))
+    return extra | {
         "version": cur.version,
         "step": cur.manifest.get("step"),
         "cold_items": len(candidates),

@@ -17,8 +17,9 @@ def training_curves(metrics_jsonl: Path, history: list[dict], out: Path) -> Path
     ax1.plot([r["t"] - t0 for r in rows], [r["loss"] for r in rows], marker=".")
     ax1.set(title="training loss (rank 0, mean of last 20 steps)", xlabel="seconds", ylabel="in-batch softmax loss")
     ts = [h["t"] - t0 for h in history]
-    for key, style in (("model", "o-"), ("popularity", "s--"), ("random", "x:")):
-        ax2.plot(ts, [h[key]["recall@20"] for h in history], style, label=key)
+    for key, style in (("oracle", "k-."), ("model", "o-"), ("popularity", "s--"), ("random", "x:")):
+        if history and key in history[0]:
+            ax2.plot(ts, [h[key]["recall@20"] for h in history], style, label="true taste (ceiling)" if key == "oracle" else key)
     ax2.set(title="cold-item recall@20 per published index version", xlabel="seconds", ylabel="recall@20")
     ax2.legend()
     fig.tight_layout()

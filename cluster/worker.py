@@ -45,10 +45,14 @@ class ReplayWindow:
         self.size = self.head = 0
 
     def add(self, pairs: np.ndarray) -> None:
-        for row in pairs[-len(self.pairs):]:
-            self.pairs[self.head] = row
-            self.head = (self.head + 1) % len(self.pairs)
-            self.size = min(self.size + 1, len(self.pairs))
+        pairs = pairs[-len(self.pairs):]
+        self.pairs[(self.head + np.arange(len(pairs))) % len(self.pairs)] = pairs
+        self.head = (self.head + len(pairs)) % len(self.pairs)
+        self.size = min(self.size + len(pairs), len(self.pairs))
+
+    def ordered(self) -> np.ndarray:
+        """Oldest first: what a checkpoint stores, so a restore evicts in the same order."""
+        return np.roll(self.pairs, -self.head, axis=0) if self.size == len(self.pairs) else self.pairs[: self.size].copy()
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self.pairs[rng.integers(0, self.size, n)]
@@ -82,6 +86,9 @@ class Worker:
         self.counts = np.zeros(m.max_items, np.int64)  # events seen per item on this worker's partitions
         self.users: set[int] = set()
         self.clusters: tuple[ClusterModel, ClusterModel] | None = None
+        self.waiting: dict[int, list[int]] = defaultdict(list)  # positives whose item is not announced yet
+        self.fresh: list[tuple[int, int]] = []
+        self.replay = ReplayWindow(o.replay_window)
         offsets: dict[int, int] = {}
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
@@ -93,9 +100,6 @@ class Worker:
         self.shards = ShardCache(m.frames, m.frame_size)
         self.store = ContentStore(m)
         self.unclustered: list = []  # content read before the cluster model exists
-        self.waiting: dict[int, list[int]] = defaultdict(list)  # positives whose item is not announced yet
-        self.fresh: list[tuple[int, int]] = []
-        self.replay = ReplayWindow(o.replay_window)
         self.publisher = IndexPublisher(self.run_dir / "index", cfg.publish.keep_versions, cfg.publish.index_factory)
         self.dropped_unknown_item = 0
         self.losses: list[float] = []
@@ -149,6 +153,21 @@ class Worker:
             self._add_content(content)
         self.unclustered = []
 
+    def _catch_up_items(self, timeout_s: float = 120.0) -> None:
+        """After a restore, re-read announcements until every buffered pair's item has content
+        again; pairs whose item never comes back (its shard is gone) are dropped and counted."""
+        needed = set(self.replay.ordered()[:, 1].tolist()) | {i for _, i in self.fresh}
+        deadline = time.monotonic() + timeout_s
+        while needed - set(self.store.items) - set(self.shards.skipped) and time.monotonic() < deadline:
+            self._ingest()
+        kept = self.replay.ordered()
+        ok = np.isin(kept[:, 1], list(self.store.items))
+        self.replay = ReplayWindow(len(self.replay.pairs))
+        self.replay.add(kept[ok])
+        before = len(self.fresh)
+        self.fresh = [p for p in self.fresh if p[1] in self.store]
+        self.dropped_unknown_item += before - len(self.fresh) + int((~ok).sum())
+
     def _next_batch(self):
         b = self.cfg.optim.batch_size
         take, self.fresh = self.fresh[:b], self.fresh[b:]
@@ -189,6 +208,10 @@ class Worker:
                      storage_writer=dcp.FileSystemWriter(str(d / "sparse")))
             self.engine.save_checkpoint(str(d / "dense"), tag=DS_TAG)
             np.save(d / f"counts-rank{self.rank}.npy", self.counts)
+            # consumed but not yet trained on: saved with the offsets, so a restart loses no event
+            waiting = [(u, i) for i, us in self.waiting.items() for u in us]
+            np.savez(d / f"buffers-rank{self.rank}.npz", replay=self.replay.ordered(),
+                     fresh=np.array(self.fresh, np.int64).reshape(-1, 2), waiting=np.array(waiting, np.int64).reshape(-1, 2))
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
                 "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step}))
             if self.rank == 0:
@@ -203,6 +226,11 @@ class Worker:
         self.engine.load_checkpoint(str(d / "dense"), tag=DS_TAG)
         mine = json.loads((d / f"stream-rank{self.rank}.json").read_text())
         self.counts = np.load(d / f"counts-rank{self.rank}.npy")
+        buffers = np.load(d / f"buffers-rank{self.rank}.npz")
+        self.replay.add(buffers["replay"])
+        self.fresh = [tuple(p) for p in buffers["fresh"].tolist()]
+        for u, i in buffers["waiting"].tolist():
+            self.waiting[i].append(u)
         self.users = set(mine["users"])
         self.step = mine["step"]
         c = np.load(d / "clusters.npz")
@@ -215,6 +243,8 @@ class Worker:
         t = self.cfg.train
         if self.clusters is None:
             self._fit_clusters()
+        else:
+            self._catch_up_items()
         start = last_pub = last_ckpt = last_status = time.monotonic()
         start_step = last_pub_step = self.step
         train_time = 0.0

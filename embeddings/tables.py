@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torchrec import EmbeddingConfig
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -47,7 +48,7 @@ def shard_sparse_arch(cfg: ModelConfig, device: torch.device, sparse_lr: float) 
         )
         for t in table_configs(cfg)
     }
-    topology = Topology(world_size=world, compute_device=device.type)
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world), kernel_config=KernelConfig(compute_device=device.type))
     sharders = [EmbeddingCollectionSharder()]
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(sparse, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(sparse, device=device, plan=plan, sharders=sharders)

@@ -1,0 +1,91 @@
+"""The real Tansu broker process with kafka-python: topics, partition ownership,
+dead letters, seeking to checkpointed offsets, and cleanup when the parent dies."""
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+from streaming.consumer import InteractionStream, owned_partitions
+from streaming.producer import EventProducer
+from streaming.schema import Interaction
+from streaming.topics import ensure_topics
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def _drain(stream, want, timeout=20):
+    got, deadline = [], time.time() + timeout
+    while len(got) < want and time.time() < deadline:
+        got += stream.poll(200)
+    return got
+
+
+def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
+    ensure_topics(kafka_cfg, broker.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    assert {kafka_cfg.interactions_topic, kafka_cfg.items_topic, kafka_cfg.dead_letter_topic} <= set(admin.list_topics())
+    admin.close()
+    prod = EventProducer(kafka_cfg, broker.bootstrap)
+    for i in range(400):
+        prod.interaction(Interaction(i % 40, i % 17, "play", float(i)))
+    bad = [b"{oops", json.dumps({"user_id": 1, "item_id": 999, "event": "play", "ts": 1}).encode()]
+    for b in bad:
+        prod.raw_interaction(1, b)
+    prod.flush()
+
+    streams = [InteractionStream(kafka_cfg, broker.bootstrap, owned_partitions(4, r, 2), 100, 100) for r in range(2)]
+    got = [_drain(s, 200) for s in streams]
+    time.sleep(1)
+    got = [g + s.poll(500) for g, s in zip(got, streams)]
+    assert sum(map(len, got)) == 400
+    assert not {e.user_id for e in got[0]} & {e.user_id for e in got[1]}  # keyed by user: disjoint owners
+    assert sum(s.stats.malformed for s in streams) == 2
+    positions = [s.positions() for s in streams]
+    for s in streams:
+        s.close()
+
+    dlq = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    dlq.assign([TopicPartition(kafka_cfg.dead_letter_topic, 0)])
+    records = [json.loads(r.value) for r in dlq]
+    dlq.close()
+    assert sorted(base64.b64decode(r["value_b64"]) for r in records) == sorted(bad)
+    assert any("outside" in r["reason"] for r in records) and any("JSON" in r["reason"] for r in records)
+
+    # a resumed consumer seeks to the saved offsets: it sees only what came after
+    prod.interaction(Interaction(2, 3, "like", 0.0))
+    prod.flush()
+    resumed = [InteractionStream(kafka_cfg, broker.bootstrap, owned_partitions(4, r, 2), 100, 100, positions[r]) for r in range(2)]
+    after = [_drain(s, 1, timeout=5) for s in resumed]
+    assert [e for a in after for e in a] == [Interaction(2, 3, "like", 0.0)]
+    for s in resumed:
+        s.close()
+    prod.close()
+
+
+def test_broker_dies_with_its_parent(tmp_path):
+    pid_file = tmp_path / "pid"
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from cluster.broker import LocalBroker\n"
+            "b = LocalBroker().start(); open(%r, 'w').write(str(b.proc.pid)); time.sleep(60)") % (str(ROOT), str(pid_file))
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline, "broker did not start"
+        time.sleep(0.1)
+    broker_pid = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(50):
+        try:
+            os.kill(broker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail("broker outlived its parent")
