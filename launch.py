@@ -5,6 +5,8 @@
   train    train on a broker's streams (--bootstrap-servers), or on the embedded default
   produce  run the synthetic world against a broker (shards + announcements + events)
   broker   run a local Tansu broker with the project's topics until Ctrl-C
+  replay   replay a dataset (generic CSV format, or --movielens) through Kafka + WebDataset
+  eval     the cold-start evaluation protocol on a dataset: split, replay, train, publish, rank
 
 Every subcommand reads one typed configuration: --config FILE.yaml, then
 --set section.field=value overrides, then the flags below. A bad value stops the
@@ -27,14 +29,26 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("demo", "train", "produce", "broker"):
+    for name in ("demo", "train", "produce", "broker", "replay", "eval"):
         s = sub.add_parser(name)
         s.add_argument("--config", help="YAML file with any of the sections: kafka, world, model, optim, train, publish")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
         s.add_argument("--bootstrap-servers", help="host:port of an existing Kafka cluster (default: start a local Tansu broker)")
         s.add_argument("--run-name")
         s.add_argument("--runs-dir")
-        if name in ("demo", "train"):
+        if name in ("replay", "eval"):
+            s.add_argument("--interactions", help="CSV: user_id,item_id,timestamp[,rating|,event]")
+            s.add_argument("--items", help="CSV: item_id,title[,tags]")
+            s.add_argument("--images", help="folder of <item_id>.jpg|png or <item_id>/<n>.jpg")
+            s.add_argument("--movielens", nargs="?", const="default", help="use MovieLens 100K (default: ../shared/datasets/movielens-100k)")
+            s.add_argument("--threshold", type=float, default=4.0, help="rating >= threshold is a positive; lower ratings are explicit negatives")
+        if name == "replay":
+            s.add_argument("--speedup", type=float, help="replay at this multiple of real time (default: as fast as possible)")
+        if name == "eval":
+            s.add_argument("--cold-fraction", type=float, default=0.15)
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--minutes", type=float, default=10.0, help="the whole run's budget, start-up and scoring included")
+        if name in ("demo", "train", "eval"):
             s.add_argument("--workers", type=int)
             s.add_argument("--duration-s", type=float)
             s.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="force CUDA on/off (default: use it when present)")
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM behaves like Ctrl-C, so context managers stop the broker and Ray cleanly.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        result = COMMANDS[args.command](cfg)
+        result = COMMANDS[args.command](cfg, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -74,19 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _demo(cfg):
+def _demo(cfg, args):
     from cluster.demo import demo
 
     return demo(cfg)
 
 
-def _train(cfg):
+def _train(cfg, args):
     from cluster.demo import train
 
     return train(cfg)
 
 
-def _produce(cfg):
+def _produce(cfg, args):
     from cluster.services import WorldProducer, broker_for, write_truth
 
     with broker_for(cfg) as bootstrap:
@@ -103,7 +117,7 @@ def _produce(cfg):
             "cold_items": len(producer.world.cold_items), "shards": str(producer.shard_dir)}
 
 
-def _broker(cfg):
+def _broker(cfg, args):
     from cluster.services import broker_for
 
     with broker_for(cfg) as bootstrap:
@@ -112,7 +126,47 @@ def _broker(cfg):
             time.sleep(3600)
 
 
-COMMANDS = {"demo": _demo, "train": _train, "produce": _produce, "broker": _broker}
+def _dataset_paths(cfg, args):
+    from pathlib import Path
+
+    if args.movielens:
+        from streaming.movielens import DEFAULT_DIR, to_generic
+
+        src = DEFAULT_DIR if args.movielens == "default" else Path(args.movielens)
+        return to_generic(src, cfg.runs_dir.resolve() / "_data" / src.name)
+    if not args.interactions:
+        raise SystemExit("give --interactions FILE (and optionally --items, --images) or --movielens")
+    return Path(args.interactions), Path(args.items) if args.items else None, Path(args.images) if args.images else None
+
+
+def _replay(cfg, args):
+    from cluster.services import broker_for
+    from streaming.datasets import load_dataset
+    from streaming.producer import EventProducer
+    from streaming.replay import pack_items, replay
+    from streaming.synthetic import Sink
+
+    ds = load_dataset(*_dataset_paths(cfg, args))
+    with broker_for(cfg) as bootstrap:
+        urls = pack_items(ds, cfg.run_dir / "shards")
+        prod = EventProducer(cfg.kafka, bootstrap)
+        for line in replay(ds, urls, Sink(prod.interaction, prod.raw_interaction, prod.announce, prod.flush), speedup=args.speedup, threshold=args.threshold):
+            print(line, flush=True)
+        prod.close()
+        if not cfg.kafka.bootstrap_servers:
+            print(f"done; broker stays up at {bootstrap} until Ctrl-C", flush=True)
+            while True:
+                time.sleep(3600)
+    return {"produced": prod.sent, "items": len(ds.item_ids), "users": len(ds.user_ids), "rows_skipped": len(ds.problems)}
+
+
+def _eval(cfg, args):
+    from cluster.evaluate import evaluate_dataset
+
+    return evaluate_dataset(cfg, *_dataset_paths(cfg, args), args.cold_fraction, args.seed, args.minutes, args.threshold)
+
+
+COMMANDS = {"demo": _demo, "train": _train, "produce": _produce, "broker": _broker, "replay": _replay, "eval": _eval}
 
 if __name__ == "__main__":
     logging.captureWarnings(True)

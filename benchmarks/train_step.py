@@ -98,7 +98,7 @@ def _sharded(rank: int, port: int, batch: int, steps: int, out) -> None:
     for i in range(500):
         store.add(i, rng.integers(0, 255, (CFG.frames, CFG.frame_size, CFG.frame_size, 3), dtype=np.uint8), True, f"w{i} x y", i % 16, i % 16)
     full = TrainStep(sparse, engine, CFG.temperature, torch.device("cpu"))
-    b = make_batch(rng.integers(0, 600, 256), rng.integers(0, 500, 256), store, 0.5, rng)
+    b = make_batch(rng.integers(0, 600, 256), rng.integers(0, 500, 256), store, 0.5, rng, np.ones(500, np.int64), np.ones(600, np.int64))
     full_ms = _time(lambda: full(b), max(3, steps // 10))
     out[rank] = (sparse_ms, full_ms)
     dist.destroy_process_group()

@@ -84,6 +84,8 @@ class Worker:
 
         self.step = 0
         self.counts = np.zeros(m.max_items, np.int64)  # events seen per item on this worker's partitions
+        self.item_positives = np.zeros(m.max_items, np.int64)  # positives queued for training, per item / user
+        self.user_positives = np.zeros(m.max_users, np.int64)
         self.users: set[int] = set()
         self.clusters: tuple[ClusterModel, ClusterModel] | None = None
         self.waiting: dict[int, list[int]] = defaultdict(list)  # positives whose item is not announced yet
@@ -173,8 +175,11 @@ class Worker:
         take, self.fresh = self.fresh[:b], self.fresh[b:]
         fresh = np.array(take, np.int64).reshape(-1, 2)
         self.replay.add(fresh)
+        np.add.at(self.user_positives, fresh[:, 0], 1)
+        np.add.at(self.item_positives, fresh[:, 1], 1)
         pairs = fresh if len(fresh) == b else np.concatenate([fresh, self.replay.sample(self.rng, b - len(fresh))])
-        return make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng)
+        return make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng,
+                          self.item_positives, self.user_positives)
 
     # ---- collective actions ----------------------------------------------------------------
     def _sum(self, values: list[float]) -> list[float]:
@@ -207,7 +212,7 @@ class Worker:
             dcp.save({"model": self.sparse.state_dict(), "optim": self.sparse.fused_optimizer.state_dict()},
                      storage_writer=dcp.FileSystemWriter(str(d / "sparse")))
             self.engine.save_checkpoint(str(d / "dense"), tag=DS_TAG)
-            np.save(d / f"counts-rank{self.rank}.npy", self.counts)
+            np.savez(d / f"counts-rank{self.rank}.npz", events=self.counts, item_positives=self.item_positives, user_positives=self.user_positives)
             # consumed but not yet trained on: saved with the offsets, so a restart loses no event
             waiting = [(u, i) for i, us in self.waiting.items() for u in us]
             np.savez(d / f"buffers-rank{self.rank}.npz", replay=self.replay.ordered(),
@@ -225,7 +230,8 @@ class Worker:
         self.sparse.fused_optimizer.load_state_dict(state["optim"])
         self.engine.load_checkpoint(str(d / "dense"), tag=DS_TAG)
         mine = json.loads((d / f"stream-rank{self.rank}.json").read_text())
-        self.counts = np.load(d / f"counts-rank{self.rank}.npy")
+        counts = np.load(d / f"counts-rank{self.rank}.npz")
+        self.counts, self.item_positives, self.user_positives = counts["events"], counts["item_positives"], counts["user_positives"]
         buffers = np.load(d / f"buffers-rank{self.rank}.npz")
         self.replay.add(buffers["replay"])
         self.fresh = [tuple(p) for p in buffers["fresh"].tolist()]

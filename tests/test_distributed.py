@@ -29,7 +29,7 @@ def _batch(rank: int):
         store.add(i, rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8), True, f"word{i} other", i % 4, (i + 1) % 4)
     # users 0..7 on rank 0, 40..47 on rank 1: with row-wise sharding each rank's users live on different shards
     users = np.arange(8) + 40 * rank
-    return make_batch(users, np.arange(8), store, 1.0, rng)
+    return make_batch(users, np.arange(8), store, 1.0, rng, np.ones(64, np.int64), np.ones(64, np.int64))
 
 
 def _worker(rank: int, port: int, out: dict) -> None:

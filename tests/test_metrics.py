@@ -23,3 +23,20 @@ def test_hand_computed_ranking():
 
 def test_users_without_positives_are_not_averaged():
     assert ranking_metrics({1: [1]}, {1: [1], 2: []}, ks=(1,))["recall@1"] == 1.0
+
+
+def test_score_metrics_match_hand_computation():
+    import numpy as np
+
+    from trainer.evaluation import score_metrics
+
+    cands = np.array([10, 11, 12, 13])
+    scores = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    positive = np.array([[False, True, False, True], [True, False, False, False]])
+    valid = np.array([[True, True, True, True], [True, True, False, True]])  # user 2 already had item 12
+    m = score_metrics(scores, positive, valid, [1, 2], cands, ks=(2,))
+    # user1: ranking 10,11 -> 1 hit of 2 positives; user2: ranking 13,11 -> 0 hits
+    assert m["recall@2"] == pytest.approx((0.5 + 0.0) / 2)
+    # AUC user1: positives {3,1} vs negatives {4,2}: pairs correct (3>2),(1<4),(3<4),(1<2) -> 1/4
+    # user2: positive 1 vs negatives {2,4} -> 0
+    assert m["auc"] == pytest.approx((0.25 + 0.0) / 2)

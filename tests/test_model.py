@@ -42,3 +42,15 @@ def test_tokenizer_is_stable_and_padded():
     t = tokenize("Hello, hello WORLD", 32, 6)
     assert t[0] == t[1] != 0 and (t[3:] == 0).all()
     assert (tokenize("Hello, hello WORLD", 32, 6) == t).all()
+
+
+def test_logq_correction_shifts_only_relative_frequencies():
+    torch.manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    ids = torch.arange(6)
+    plain = in_batch_softmax_loss(u, v, ids, ids, 0.1)
+    uniform = torch.full((6,), -3.0)
+    assert torch.isclose(plain, in_batch_softmax_loss(u, v, ids, ids, 0.1, uniform, uniform))
+    skewed = torch.tensor([0.0, -5, -5, -5, -5, -5])  # item 0 is a very common positive
+    assert not torch.isclose(plain, in_batch_softmax_loss(u, v, ids, ids, 0.1, skewed))

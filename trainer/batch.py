@@ -53,6 +53,8 @@ class Batch:
     tokens: torch.Tensor  # [U, T]
     has_frames: torch.Tensor  # [U]
     id_keep: torch.Tensor  # [U]
+    item_log_q: torch.Tensor  # [B] log share of positives that went to this example's item
+    user_log_q: torch.Tensor  # [B] ... and to this example's user
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
@@ -81,7 +83,15 @@ def item_tensors(store: ContentStore, items: np.ndarray) -> dict[str, torch.Tens
     }
 
 
-def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_keep_prob: float, rng: np.random.Generator) -> Batch:
+def log_share(counts: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+    """log(count / total) per id, counting each id at least once (a new id is rare, not impossible)."""
+    c = np.maximum(counts[ids], 1).astype(np.float64)
+    return torch.from_numpy(np.log(c / max(counts.sum(), 1)).astype(np.float32))
+
+
+def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_keep_prob: float, rng: np.random.Generator,
+               item_positives: np.ndarray, user_positives: np.ndarray) -> Batch:
+    """item_positives / user_positives: positives seen so far per item / user (for the logQ correction)."""
     uniq, index = np.unique(items, return_inverse=True)
     fc = np.array([store.items[int(i)].frame_cluster for i in uniq])
     tc = np.array([store.items[int(i)].text_cluster for i in uniq])
@@ -91,6 +101,8 @@ def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_kee
         item_ids=torch.from_numpy(items.astype(np.int64)),
         item_index=torch.from_numpy(index.astype(np.int64)),
         id_keep=torch.from_numpy((rng.random(len(uniq)) < id_keep_prob).astype(np.float32)),
+        item_log_q=log_share(item_positives, items),
+        user_log_q=log_share(user_positives, users),
         **item_tensors(store, uniq),
     )
 

@@ -27,3 +27,31 @@ def ranking_metrics(ranked: dict[int, list[int]], positives: dict[int, list[int]
         out[f"precision@{k}"] = float(np.mean(prec)) if users else 0.0
         out[f"ndcg@{k}"] = float(np.mean(ndcg)) if users else 0.0
     return out
+
+
+def score_metrics(scores: np.ndarray, positive: np.ndarray, valid: np.ndarray, users: list[int], candidates: np.ndarray,
+                  ks: tuple[int, ...] = (10, 20)) -> dict[str, float]:
+    """Full-ranking metrics from a score matrix.
+
+    scores [U, C] (any method), positive [U, C] the test positives, valid [U, C] the
+    candidates each user is ranked over (their training items are excluded). Users
+    with no positive among their candidates are left out of the averages. AUC is the
+    share of (positive, non-positive) candidate pairs ordered correctly, per user.
+    """
+    s = np.where(valid, scores, -np.inf)
+    # ties (popularity among never-seen items, one shared vector) break at random, not by
+    # candidate order, which often follows time of arrival and would leak popularity
+    tiebreak = np.random.default_rng(0).random(s.shape)
+    order = np.lexsort((tiebreak, -s), axis=1)[:, : max(ks)]
+    ranked = {u: candidates[order[r]][valid[r, order[r]]].tolist() for r, u in enumerate(users)}
+    pos = {u: candidates[positive[r] & valid[r]].tolist() for r, u in enumerate(users)}
+    out = ranking_metrics(ranked, pos, ks)
+    aucs = []
+    for r in range(len(users)):
+        p, n = positive[r] & valid[r], ~positive[r] & valid[r]
+        if p.any() and n.any():
+            ps, ns = np.sort(scores[r, p]), np.sort(scores[r, n])
+            below = np.searchsorted(ns, ps, side="left") + 0.5 * (np.searchsorted(ns, ps, side="right") - np.searchsorted(ns, ps, side="left"))
+            aucs.append(below.sum() / (len(ps) * len(ns)))
+    out["auc"] = float(np.mean(aucs)) if aucs else 0.0
+    return out

@@ -5,17 +5,25 @@ import torch
 import torch.nn.functional as F
 
 
-def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, user_ids: torch.Tensor, item_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, user_ids: torch.Tensor, item_ids: torch.Tensor, temperature: float,
+                          item_log_q: torch.Tensor | None = None, user_log_q: torch.Tensor | None = None) -> torch.Tensor:
     """users, items: [B, D] unit vectors of positive pairs; row b's positive is column b.
 
     Other columns holding the same item (or rows holding the same user) are the same
     entity, not a negative, so they are masked out of the denominators.
+
+    In-batch negatives are drawn in proportion to how often an item is a positive, so a
+    plain softmax learns to push popular items down. `item_log_q` / `user_log_q` [B]
+    (log sampling frequency) apply the logQ correction (Yi et al., RecSys 2019): each
+    logit is lowered by the log-frequency of the entity it scores.
     """
-    logits = users @ items.T / temperature
+    raw = users @ items.T / temperature
+    user_to_item_logits = raw if item_log_q is None else raw - item_log_q[None, :]
+    item_to_user_logits = (raw if user_log_q is None else raw - user_log_q[:, None]).T
     diag = torch.eye(len(users), dtype=torch.bool, device=users.device)
     same_item = (item_ids[None, :] == item_ids[:, None]) & ~diag
     same_user = (user_ids[:, None] == user_ids[None, :]) & ~diag
     target = torch.arange(len(users), device=users.device)
-    user_to_item = F.cross_entropy(logits.masked_fill(same_item, float("-inf")), target)
-    item_to_user = F.cross_entropy(logits.T.masked_fill(same_user, float("-inf")), target)
+    user_to_item = F.cross_entropy(user_to_item_logits.masked_fill(same_item, float("-inf")), target)
+    item_to_user = F.cross_entropy(item_to_user_logits.masked_fill(same_user, float("-inf")), target)
     return user_to_item + item_to_user

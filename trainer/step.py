@@ -24,7 +24,7 @@ class TrainStep:
         b = batch.to(self.device)
         emb = self.sparse(b.kjt)
         users, items = self.engine(emb[USER], emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], b.frames, b.tokens, b.has_frames, b.id_keep)
-        loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature)
+        loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature, b.item_log_q, b.user_log_q)
         self.engine.backward(loss)
         self.engine.step()
         return float(loss.detach())

@@ -1,0 +1,198 @@
+"""`launch.py eval`: the cold-start evaluation protocol on a real dataset, through the
+real path. Split (seeded cold items + per-user warm test) -> replay the training
+part through Kafka -> train on Ray for the budget -> publish -> rank every test user
+over the cold, warm and all candidates through the published index, next to the
+baselines on the same split and candidates."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cluster.config import Config
+from cluster.ray_job import run_training
+from cluster.services import broker_for
+from embeddings.clusters import TEXT_DIM, frame_descriptor, text_descriptor
+from embeddings.reader import IndexReader
+from streaming.datasets import Dataset, load_dataset
+from streaming.producer import EventProducer
+from streaming.replay import Split, event_of, pack_items, replay, split_dataset
+from streaming.schema import POSITIVE_EVENTS
+from streaming.shards import read_shard
+from streaming.synthetic import Sink
+from trainer import baselines
+from trainer.evaluation import score_metrics
+
+log = logging.getLogger(__name__)
+STARTUP_RESERVE_S = 75.0  # Ray start, replay, final publication and scoring, inside the budget
+
+
+def size_for(cfg: Config, ds: Dataset, minutes: float) -> Config:
+    """Tables sized to the dataset, clip length to its images, training time to the budget."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.max_users = max(cfg.model.max_users, len(ds.user_ids))
+    cfg.model.max_items = max(cfg.model.max_items, len(ds.item_ids))
+    most_frames = max((len(ds.images(k)) for k in ds.item_ids), default=0)
+    cfg.model.frames = max(1, min(cfg.model.frames, most_frames))
+    cfg.train.duration_s = max(20.0, minutes * 60 - STARTUP_RESERVE_S)
+    return cfg
+
+
+def _labels(ds: Dataset, rows: np.ndarray, threshold: float) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for idx in rows:
+        r = ds.rows[idx]
+        if event_of(r, threshold) in POSITIVE_EVENTS:
+            out.setdefault(ds.user_ids[r.user], set()).add(ds.item_ids[r.item])
+    return out
+
+
+def index_scores(reader: IndexReader, user_vecs: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Scores of every candidate for every user, from a full-depth search of the published index."""
+    scores, ids = reader.search(user_vecs, len(candidates), candidates=candidates)
+    col = {int(c): j for j, c in enumerate(candidates)}
+    out = np.full((len(user_vecs), len(candidates)), -np.inf, np.float32)
+    for r in range(len(user_vecs)):
+        keep = ids[r] >= 0
+        out[r, [col[int(i)] for i in ids[r][keep]]] = scores[r][keep]
+    return out
+
+
+def evaluate_dataset(cfg: Config, interactions: Path, items: Path | None, images: Path | None, cold_fraction: float,
+                     seed: int, minutes: float, threshold: float = 4.0) -> dict:
+    started = time.time()
+    ds = load_dataset(interactions, items, images)
+    split = split_dataset(ds, cold_fraction, seed)
+    cfg = size_for(cfg, ds, minutes)
+    run_dir = cfg.run_dir
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    log.info("dataset: %d rows (%d skipped), %d users, %d items; %d cold items, %d train rows, %d warm test rows",
+             len(ds.rows), len(ds.problems), len(ds.user_ids), len(ds.item_ids), len(split.cold_items), len(split.train), len(split.test))
+    urls = pack_items(ds, run_dir / "shards")
+    with broker_for(cfg) as bootstrap:
+        producer = EventProducer(cfg.kafka, bootstrap)
+        sink = Sink(producer.interaction, producer.raw_interaction, producer.announce, producer.flush)
+
+        def produce() -> None:
+            for line in replay(ds, urls, sink, split.train, threshold=threshold):
+                log.info("replay: %s", line)
+            producer.close()
+
+        thread = threading.Thread(target=produce, daemon=True, name="replay")
+        thread.start()
+        final = run_training(cfg, bootstrap)
+        thread.join()
+    reader = IndexReader(run_dir / "index")
+    if not reader.refresh():
+        raise RuntimeError(f"no index was published under {run_dir / 'index'}")
+    result = score_split(reader, ds, split, threshold, run_dir / "shards", seed)
+    result["run"] = {"train_steps": final.get("train_steps"), "events_consumed": final.get("events_consumed"),
+                     "rows_skipped": len(ds.problems), "cold_items": len(split.cold_items), "train_rows": int(len(split.train)),
+                     "warm_test_rows": int(len(split.test)), "minutes": minutes, "seed": seed, "wall_s": round(time.time() - started, 1)}
+    write_report(result, run_dir)
+    return result
+
+
+def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float, shard_dir: Path, seed: int) -> dict:
+    cold_ids = np.array(sorted(ds.item_ids[k] for k in split.cold_items), np.int64)
+    warm_ids = np.array(sorted(set(ds.item_ids.values()) - set(cold_ids.tolist())), np.int64)
+    all_ids = np.concatenate([warm_ids, cold_ids])
+    train_seen: dict[int, set[int]] = {}
+    for idx in split.train:
+        r = ds.rows[idx]
+        train_seen.setdefault(ds.user_ids[r.user], set()).add(ds.item_ids[r.item])
+    cold_rows = np.array([i for i, r in enumerate(ds.rows) if r.item in split.cold_items], np.int64)
+    test_pos = _labels(ds, np.concatenate([split.test, cold_rows]), threshold)
+    train_pos = _labels(ds, split.train, threshold)
+    user_vecs, users = reader.user_vectors(sorted(test_pos))
+    users_missing = sorted(set(test_pos) - set(users))  # never in the training stream: no vector, ranked last
+    dim = user_vecs.shape[1]
+    if users_missing:
+        user_vecs = np.concatenate([user_vecs, np.zeros((len(users_missing), dim), np.float32)])
+        users = users + users_missing
+
+    # item vectors as published (for MEMER's averaging baselines) and content features (for k-NN)
+    cur = reader.current
+    vec_of = {int(i): cur.index.reconstruct(int(i)) for i in cur.item_ids}
+    content = {}
+    for url in sorted({p.resolve().as_uri() for p in shard_dir.glob("*.tar")}):
+        content.update(read_shard(url, 1, 32))
+    features = np.zeros((len(ds.item_ids), 8 * 8 * 3 + TEXT_DIM), np.float32)  # items whose shard failed: zeros
+    for i, c in content.items():
+        features[i] = np.concatenate([frame_descriptor(c.frames), text_descriptor(c.text)])
+    tags = {i: set(c.meta.get("tags", [])) for i, c in content.items()}
+    liked = [np.array(sorted(train_pos.get(u, ())), np.int64) for u in users]
+    pos_count = np.zeros(len(ds.item_ids))
+    for items_liked in train_pos.values():
+        pos_count[list(items_liked)] += 1
+    warm_vecs = np.stack([vec_of[int(i)] for i in warm_ids if int(i) in vec_of])
+    warm_with_vec = [int(i) for i in warm_ids if int(i) in vec_of]
+    averaged = {
+        "global_avg": dict(zip(cold_ids.tolist(), baselines.global_average_vectors(warm_vecs, len(cold_ids)))),
+        "tag_avg": dict(zip(cold_ids.tolist(), baselines.tag_average_vectors(
+            warm_vecs, [tags.get(i, set()) for i in warm_with_vec], [tags.get(int(i), set()) for i in cold_ids]))),
+    }
+
+    def matrices(cands: np.ndarray, with_averages: bool) -> dict[str, np.ndarray]:
+        """Score matrices per method; the averaging baselines only replace cold items' vectors,
+        so on warm candidates they would be the model itself and are left out."""
+        zero = np.zeros(dim, np.float32)
+        out = {
+            "model": index_scores(reader, user_vecs, cands),
+            "random": baselines.random_scores(len(users), len(cands), seed),
+            "popularity": baselines.popularity_scores(pos_count[cands], len(users)),
+            "content_knn": baselines.content_knn_scores(liked, features, features[cands]),
+        }
+        for name, table in (averaged.items() if with_averages else ()):
+            vecs = np.stack([table.get(int(i), vec_of.get(int(i), zero)) for i in cands])
+            out[name] = user_vecs @ vecs.T
+        return out
+
+    result: dict = {"baselines": {}}
+    for set_name, cands in (("cold", cold_ids), ("warm", warm_ids), ("all", all_ids)):
+        if len(cands) == 0:
+            continue
+        positive = np.array([[int(i) in test_pos.get(u, ()) for i in cands] for u in users])
+        valid = np.array([[int(i) not in train_seen.get(u, ()) for i in cands] for u in users])
+        for method, scores in matrices(cands, with_averages=set_name != "warm").items():
+            m = {k: round(v, 5) for k, v in score_metrics(scores, positive, valid, users, cands).items()}
+            if method == "model":
+                result[set_name] = m
+            else:
+                result["baselines"].setdefault(method, {})[set_name] = m
+    result["index_version"] = reader.version
+    return result
+
+
+def write_report(result: dict, run_dir: Path) -> None:
+    """eval.json, a markdown table and a bar chart (recall@20 per method, cold / warm / all)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    methods = {"model": {s: result[s] for s in ("cold", "warm", "all") if s in result}} | result["baselines"]
+    cols = ["recall@10", "recall@20", "ndcg@10", "ndcg@20", "precision@10", "precision@20", "auc"]
+    lines = ["| method | set | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, sets in methods.items():
+        for s, m in sets.items():
+            lines.append(f"| {name} | {s} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
+    (run_dir / "eval.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    names = list(methods)
+    for j, s in enumerate(("cold", "warm", "all")):
+        ax.bar(np.arange(len(names)) + (j - 1) * 0.27, [methods[n].get(s, {}).get("recall@20", 0) for n in names], 0.27, label=s)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set(ylabel="recall@20", title="cold-start evaluation: recall@20 per method")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "eval.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,83 @@
+"""The generic input format: broken rows reported with line numbers and skipped,
+missing modalities kept, replay order and the evaluation split."""
+import numpy as np
+import pytest
+
+from streaming.datasets import load_dataset
+from streaming.replay import event_of, pack_items, replay, split_dataset
+from streaming.shards import read_shard
+from streaming.synthetic import Sink
+
+
+@pytest.fixture
+def small(tmp_path):
+    (tmp_path / "inter.csv").write_text(
+        "user_id,item_id,timestamp,rating\n"
+        "u1,a,10,5\n"
+        "u1,b,11,2\n"
+        "u2,a,9,4\n"
+        "u2,,12,5\n"          # line 5: empty item id
+        "u3,c,noon,4\n"       # line 6: bad timestamp
+        "u3,c,13,five\n"      # line 7: bad rating
+        "u3,c,14,3\n"
+        "u4,d,15\n"           # short row: rating missing -> implicit positive
+    )
+    (tmp_path / "items.csv").write_text("item_id,title,tags\na,Alpha,x|y\nb,Beta,\nc\nd,Delta,y\ne,Extra,z\n")
+    img = tmp_path / "img"
+    (img / "d").mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (10, 12), (255, 0, 0)).save(img / "a.jpg")
+    for n in range(3):
+        Image.new("RGB", (8, 8), (0, 0, 40 * n)).save(img / "d" / f"{n}.png")
+    return load_dataset(tmp_path / "inter.csv", tmp_path / "items.csv", img)
+
+
+def test_broken_rows_are_reported_with_line_numbers_and_skipped(small):
+    assert len(small.rows) == 5
+    assert any("inter.csv line 5" in p for p in small.problems)
+    assert any("inter.csv line 6" in p for p in small.problems)
+    assert any("inter.csv line 7" in p for p in small.problems)
+    assert any("items.csv line 4" in p for p in small.problems)  # "c" with no title column
+    assert [r.ts for r in small.rows] == sorted(r.ts for r in small.rows)
+    # dense ids follow first appearance in time; catalogue-only items come last
+    assert small.item_ids == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4}
+    assert small.user_ids["u2"] == 0
+
+
+def test_missing_modalities_are_kept(small, tmp_path):
+    urls = pack_items(small, tmp_path / "shards", items_per_shard=2)
+    content = {}
+    for url in set(urls.values()):
+        content.update(read_shard(url, 4, 16))
+    assert set(content) == {0, 1, 2, 3, 4}
+    assert content[0].has_frames and content[0].text == "Alpha x y"
+    assert not content[1].has_frames and content[1].text == "Beta"
+    assert content[2].text == "" and not content[2].has_frames  # no item row, no image: still an item
+    assert content[3].frames.shape == (4, 16, 16, 3) and len({f.mean() for f in content[3].frames}) > 1
+
+
+def test_ratings_become_events():
+    from streaming.datasets import Row
+    assert event_of(Row("u", "i", 0, 4.0, None), 4.0) == "like"
+    assert event_of(Row("u", "i", 0, 3.5, None), 4.0) == "skip"
+    assert event_of(Row("u", "i", 0, None, None), 4.0) == "play"
+    assert event_of(Row("u", "i", 0, 1.0, "click"), 4.0) == "click"
+
+
+def test_replay_announces_first_and_holds_out_what_the_split_says(small, tmp_path):
+    split = split_dataset(small, cold_fraction=0.2, seed=1)
+    assert len(split.cold_items) == 1
+    urls = pack_items(small, tmp_path / "shards")
+    log = []
+    for _ in replay(small, urls, Sink(lambda e: log.append(("event", e.item_id)), lambda k, v: None,
+                                      lambda a: log.append(("announce", a.item_id))), split.train, threshold=4.0):
+        pass
+    announced = [i for kind, i in log if kind == "announce"]
+    assert sorted(announced) == [0, 1, 2, 3, 4]  # cold and catalogue-only items are announced too
+    for n, (kind, item) in enumerate(log):
+        if kind == "event":
+            assert ("announce", item) in log[:n]
+    cold_ids = {small.item_ids[k] for k in split.cold_items}
+    assert not {i for kind, i in log if kind == "event"} & cold_ids
+    assert len([1 for kind, _ in log if kind == "event"]) == len(split.train)
+    assert set(split.train) | set(split.test) == {i for i, r in enumerate(small.rows) if r.item not in split.cold_items}
