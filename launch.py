@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM behaves like Ctrl-C, so context managers stop the broker and Ray cleanly."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from cluster.config import ConfigError, load_config
@@ -71,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.message, file=sys.stderr)
         return 2
-    # SIGTERM behaves like Ctrl-C, so context managers stop the broker and Ray cleanly.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = COMMANDS[args.command](cfg, args)
     except KeyboardInterrupt:

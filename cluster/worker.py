@@ -192,13 +192,15 @@ class Worker:
         dist.all_gather_object(gathered, (set(self.store.items), self.users, self.stream.positions()))
         items = np.array(sorted(set.intersection(*(g[0] for g in gathered))), np.int64)
         users = np.array(sorted(set.union(*(g[1] for g in gathered))), np.int64)
+        if len(items) == 0 or len(users) == 0:  # the same on every rank: nothing to serve yet
+            return {}
         counts = torch.from_numpy(self.counts.astype(np.float64))
         dist.all_reduce(counts)
         mature = counts.numpy()[items] >= self.cfg.model.maturity_threshold
         item_vecs, user_vecs = export_vectors(self.sparse, self.engine.module, self.store, items, users, mature, self.device)
         info = {"step": self.step, "mature_items": int(mature.sum()), "kafka_offsets": {
             self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}}}
-        if self.rank == 0 and len(items):
+        if self.rank == 0:
             pub = self.publisher.publish(items, item_vecs, users, user_vecs, info)
             log.info("published index v%d: %d items (%d mature), %d users, step %d", pub.version, len(items), info["mature_items"], len(users), self.step)
             return {"version": pub.version}
