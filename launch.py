@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _serve_until_interrupted(message: str) -> None:
+    """A local broker's data lives in memory: keep it (and this process) up for a trainer until Ctrl-C."""
+    print(message, flush=True)
+    while True:
+        time.sleep(3600)
+
+
 def _demo(cfg, args):
     from cluster.demo import demo
 
@@ -113,10 +120,8 @@ def _produce(cfg, args):
         producer.start()
         producer.join()
         write_truth(producer.world, cfg.run_dir / "truth.json", cfg.world.seed)
-        if not cfg.kafka.bootstrap_servers:  # keep the local broker (and its data) up for a trainer
-            print(f"done; broker stays up at {bootstrap} until Ctrl-C", flush=True)
-            while True:
-                time.sleep(3600)
+        if not cfg.kafka.bootstrap_servers:
+            _serve_until_interrupted(f"done; broker stays up at {bootstrap} until Ctrl-C")
     return {"produced": producer.producer.sent, "items": cfg.world.initial_items + cfg.world.new_items,
             "cold_items": len(producer.world.cold_items), "shards": str(producer.shard_dir)}
 
@@ -125,9 +130,7 @@ def _broker(cfg, args):
     from cluster.services import broker_for
 
     with broker_for(cfg) as bootstrap:
-        print(f"broker ready: --bootstrap-servers {bootstrap}", flush=True)
-        while True:
-            time.sleep(3600)
+        _serve_until_interrupted(f"broker ready: --bootstrap-servers {bootstrap}")
 
 
 def _dataset_paths(cfg, args):
@@ -158,9 +161,7 @@ def _replay(cfg, args):
             print(line, flush=True)
         prod.close()
         if not cfg.kafka.bootstrap_servers:
-            print(f"done; broker stays up at {bootstrap} until Ctrl-C", flush=True)
-            while True:
-                time.sleep(3600)
+            _serve_until_interrupted(f"done; broker stays up at {bootstrap} until Ctrl-C")
     return {"produced": prod.sent, "items": len(ds.item_ids), "users": len(ds.user_ids), "rows_skipped": len(ds.problems)}
 
 

@@ -52,17 +52,6 @@ def _labels(ds: Dataset, rows: np.ndarray, threshold: float) -> dict[int, set[in
     return out
 
 
-def index_scores(reader: IndexReader, user_vecs: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Scores of every candidate for every user, from a full-depth search of the published index."""
-    scores, ids = reader.search(user_vecs, len(candidates), candidates=candidates)
-    col = {int(c): j for j, c in enumerate(candidates)}
-    out = np.full((len(user_vecs), len(candidates)), -np.inf, np.float32)
-    for r in range(len(user_vecs)):
-        keep = ids[r] >= 0
-        out[r, [col[int(i)] for i in ids[r][keep]]] = scores[r][keep]
-    return out
-
-
 def evaluate_dataset(cfg: Config, interactions: Path, items: Path | None, images: Path | None, cold_fraction: float,
                      seed: int, minutes: float, threshold: float = 4.0) -> dict:
     started = time.time()
@@ -145,7 +134,7 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
         so on warm candidates they would be the model itself and are left out."""
         zero = np.zeros(dim, np.float32)
         out = {
-            "model": index_scores(reader, user_vecs, cands),
+            "model": reader.score_matrix(user_vecs, cands),
             "random": baselines.random_scores(len(users), len(cands), seed),
             "popularity": baselines.popularity_scores(pos_count[cands], len(users)),
             "content_knn": baselines.content_knn_scores(liked, features, features[cands]),

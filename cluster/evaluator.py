@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 
 from embeddings.reader import IndexReader
-from trainer.evaluation import ranking_metrics
+from trainer import baselines
+from trainer.evaluation import score_metrics
 
 log = logging.getLogger(__name__)
 
@@ -27,31 +28,21 @@ def cold_quality(reader: IndexReader, truth: dict[int, list[int]], cold_items: s
     vecs, users = reader.user_vectors(sorted(truth))
     if len(candidates) == 0 or not users:
         return {}
-    cand = set(candidates.tolist())
-    positives = {u: [i for i in truth[u] if i in cand] for u in users}
-    positives = {u: p for u, p in positives.items() if p}
-    _, ids = reader.search(vecs, k, candidates=candidates)
-    model = {u: [int(i) for i in row if i >= 0] for u, row in zip(users, ids)}
-    counts = {i: 0 for i in candidates.tolist()}
-    for p in positives.values():
-        for i in p:
-            counts[i] += 1
-    popular = sorted(counts, key=lambda i: -counts[i])[:k]
-    rng = np.random.default_rng(seed)
-    rand = {u: rng.permutation(candidates)[:k].tolist() for u in positives}
-    extra = {}
-    if true_scores is not None:
-        order = np.argsort(-true_scores(np.array(list(positives)), candidates), axis=1)[:, :k]
-        extra["oracle"] = ranking_metrics({u: candidates[row].tolist() for u, row in zip(positives, order)}, positives, (k,))
-    return extra | {
-        "version": cur.version,
-        "step": cur.manifest.get("step"),
-        "cold_items": len(candidates),
-        "users": len(positives),
-        "model": ranking_metrics(model, positives, (k,)),
-        "popularity": ranking_metrics({u: popular for u in positives}, positives, (k,)),
-        "random": ranking_metrics(rand, positives, (k,)),
+    positive = np.array([np.isin(candidates, truth[u]) for u in users])
+    with_pos = positive.any(axis=1)
+    users, vecs, positive = [u for u, keep in zip(users, with_pos) if keep], vecs[with_pos], positive[with_pos]
+    if not users:
+        return {}
+    scores = {
+        "model": reader.score_matrix(vecs, candidates),
+        "popularity": baselines.popularity_scores(positive.sum(axis=0), len(users)),
+        "random": baselines.random_scores(len(users), len(candidates), seed),
     }
+    if true_scores is not None:
+        scores["oracle"] = true_scores(np.array(users), candidates)
+    valid = np.ones_like(positive)
+    return {"version": cur.version, "step": cur.manifest.get("step"), "cold_items": len(candidates), "users": len(users)} | {
+        name: score_metrics(s, positive, valid, users, candidates, (k,)) for name, s in scores.items()}
 
 
 class VersionWatcher(threading.Thread):

@@ -95,6 +95,16 @@ class IndexReader:
         params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(candidates, np.int64)))
         return cur.index.search(q, k, params=params)
 
+    def score_matrix(self, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """[queries, candidates] scores from a full-depth search over the candidates (for evaluation)."""
+        scores, ids = self.search(queries, len(candidates), candidates=candidates)
+        col = {int(c): j for j, c in enumerate(candidates)}
+        out = np.full((len(queries), len(candidates)), -np.inf, np.float32)
+        for r in range(len(queries)):
+            keep = ids[r] >= 0
+            out[r, [col[int(i)] for i in ids[r][keep]]] = scores[r][keep]
+        return out
+
     def _require(self) -> LoadedVersion:
         with self._lock:
             cur = self._current
