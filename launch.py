@@ -151,13 +151,12 @@ def _replay(cfg, args):
     from streaming.datasets import load_dataset
     from streaming.producer import EventProducer
     from streaming.replay import pack_items, replay
-    from streaming.synthetic import Sink
 
     ds = load_dataset(*_dataset_paths(cfg, args))
     with broker_for(cfg) as bootstrap:
         urls = pack_items(ds, cfg.run_dir / "shards")
         prod = EventProducer(cfg.kafka, bootstrap)
-        for line in replay(ds, urls, Sink(prod.interaction, prod.raw_interaction, prod.announce, prod.flush), speedup=args.speedup, threshold=args.threshold):
+        for line in replay(ds, urls, prod.sink(), speedup=args.speedup, threshold=args.threshold):
             print(line, flush=True)
         prod.close()
         if not cfg.kafka.bootstrap_servers:

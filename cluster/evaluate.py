@@ -24,7 +24,6 @@ from streaming.producer import EventProducer
 from streaming.replay import Split, event_of, pack_items, replay, split_dataset
 from streaming.schema import POSITIVE_EVENTS
 from streaming.shards import read_shard
-from streaming.synthetic import Sink
 from trainer import baselines
 from trainer.evaluation import score_metrics
 
@@ -43,11 +42,12 @@ def size_for(cfg: Config, ds: Dataset, minutes: float) -> Config:
     return cfg
 
 
-def _labels(ds: Dataset, rows: np.ndarray, threshold: float) -> dict[int, set[int]]:
+def _items_by_user(ds: Dataset, rows: np.ndarray, threshold: float | None = None) -> dict[int, set[int]]:
+    """Dense user id -> dense item ids over the given rows; with a threshold, positives only."""
     out: dict[int, set[int]] = {}
     for idx in rows:
         r = ds.rows[idx]
-        if event_of(r, threshold) in POSITIVE_EVENTS:
+        if threshold is None or event_of(r, threshold) in POSITIVE_EVENTS:
             out.setdefault(ds.user_ids[r.user], set()).add(ds.item_ids[r.item])
     return out
 
@@ -67,10 +67,9 @@ def evaluate_dataset(cfg: Config, interactions: Path, items: Path | None, images
     urls = pack_items(ds, run_dir / "shards")
     with broker_for(cfg) as bootstrap:
         producer = EventProducer(cfg.kafka, bootstrap)
-        sink = Sink(producer.interaction, producer.raw_interaction, producer.announce, producer.flush)
 
         def produce() -> None:
-            for line in replay(ds, urls, sink, split.train, threshold=threshold):
+            for line in replay(ds, urls, producer.sink(), split.train, threshold=threshold):
                 log.info("replay: %s", line)
             producer.close()
 
@@ -93,13 +92,10 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
     cold_ids = np.array(sorted(ds.item_ids[k] for k in split.cold_items), np.int64)
     warm_ids = np.array(sorted(set(ds.item_ids.values()) - set(cold_ids.tolist())), np.int64)
     all_ids = np.concatenate([warm_ids, cold_ids])
-    train_seen: dict[int, set[int]] = {}
-    for idx in split.train:
-        r = ds.rows[idx]
-        train_seen.setdefault(ds.user_ids[r.user], set()).add(ds.item_ids[r.item])
+    train_seen = _items_by_user(ds, split.train)
     cold_rows = np.array([i for i, r in enumerate(ds.rows) if r.item in split.cold_items], np.int64)
-    test_pos = _labels(ds, np.concatenate([split.test, cold_rows]), threshold)
-    train_pos = _labels(ds, split.train, threshold)
+    test_pos = _items_by_user(ds, np.concatenate([split.test, cold_rows]), threshold)
+    train_pos = _items_by_user(ds, split.train, threshold)
     user_vecs, users = reader.user_vectors(sorted(test_pos))
     users_missing = sorted(set(test_pos) - set(users))  # never in the training stream: no vector, ranked last
     dim = user_vecs.shape[1]

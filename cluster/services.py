@@ -11,7 +11,7 @@ from typing import Iterator
 from cluster.broker import LocalBroker
 from cluster.config import Config
 from streaming.producer import EventProducer
-from streaming.synthetic import Sink, World, run_world
+from streaming.synthetic import World, run_world
 from streaming.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,8 @@ class WorldProducer(threading.Thread):
 
     def run(self) -> None:
         p = self.producer
-        sink = Sink(p.interaction, p.raw_interaction, p.announce, p.flush)
         try:
-            for line in run_world(self.world, self.shard_dir, sink, self.realtime, self.stopping.is_set):
+            for line in run_world(self.world, self.shard_dir, p.sink(), self.realtime, self.stopping.is_set):
                 log.info("producer: %s", line)
                 self.initial_done.set()
         except BaseException as exc:  # surfaced by the caller; never silently lost

@@ -2,10 +2,23 @@
 user's history stays in one partition, in order."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from kafka import KafkaProducer
 
 from streaming.config import KafkaConfig
 from streaming.schema import Interaction, ItemAnnouncement
+
+
+@dataclass
+class Sink:
+    """Where generated or replayed events go: Kafka through `EventProducer.sink()`, or memory in tests."""
+
+    interaction: Callable[[Interaction], None]
+    raw_interaction: Callable[[int, bytes], None]
+    announce: Callable[[ItemAnnouncement], None]
+    flush: Callable[[], None] = lambda: None
 
 
 class EventProducer:
@@ -30,6 +43,9 @@ class EventProducer:
 
     def flush(self) -> None:
         self._producer.flush()
+
+    def sink(self) -> Sink:
+        return Sink(self.interaction, self.raw_interaction, self.announce, self.flush)
 
     def close(self) -> None:
         self._producer.flush()

@@ -15,9 +15,9 @@ from typing import Iterator
 import numpy as np
 
 from streaming.datasets import Dataset, Row
+from streaming.producer import Sink
 from streaming.schema import Interaction, ItemAnnouncement
 from streaming.shards import write_shard
-from streaming.synthetic import Sink
 
 
 def event_of(row: Row, threshold: float) -> str:

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from streaming.config import WorldConfig
+from streaming.producer import Sink
 from streaming.schema import Interaction, ItemAnnouncement
 from streaming.shards import encode_png, write_shard
 
@@ -141,16 +142,6 @@ class World:
             json.dumps({"user_id": 1, "item_id": "seven", "event": "like", "ts": 0}).encode(),
             json.dumps({"user_id": 1, "item_id": 10**12, "event": "click", "ts": 0}).encode(),
         ][kind]
-
-
-@dataclass
-class Sink:
-    """Where the generator's output goes; kept abstract so tests can collect in memory."""
-
-    interaction: Callable[[Interaction], None]
-    raw_interaction: Callable[[int, bytes], None]
-    announce: Callable[[ItemAnnouncement], None]
-    flush: Callable[[], None] = lambda: None
 
 
 def run_world(world: World, shard_dir: Path, sink: Sink, realtime: bool = True, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:

@@ -6,7 +6,7 @@ import pytest
 from streaming.datasets import load_dataset
 from streaming.replay import event_of, pack_items, replay, split_dataset
 from streaming.shards import read_shard
-from streaming.synthetic import Sink
+from streaming.producer import Sink
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from embeddings.reader import IndexReader
 from streaming.config import KafkaConfig, WorldConfig
 from streaming.producer import EventProducer
 from streaming.schema import Interaction
-from streaming.synthetic import Sink, World, run_world
+from streaming.synthetic import World, run_world
 from streaming.topics import ensure_topics
 from tests.conftest import ROOT
 
@@ -47,7 +47,7 @@ def test_train_resumes_from_checkpoint_and_offsets(tmp_path, broker):
     ensure_topics(kafka, broker.bootstrap)
     world = World.create(WorldConfig(n_users=200, initial_items=80, new_items=0, events_per_user=20))
     prod = EventProducer(kafka, broker.bootstrap)
-    for _ in run_world(world, tmp_path / "shards", Sink(prod.interaction, prod.raw_interaction, prod.announce, prod.flush), realtime=False):
+    for _ in run_world(world, tmp_path / "shards", prod.sink(), realtime=False):
         pass
     common = ["train", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path), "--run-name", "r", *SMALL,
               "--set", "train.min_items_before_training=16", "--set", "train.publish_every_steps=10"]

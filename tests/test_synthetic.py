@@ -2,7 +2,8 @@
 import numpy as np
 
 from streaming.config import WorldConfig
-from streaming.synthetic import Sink, World, run_world
+from streaming.producer import Sink
+from streaming.synthetic import World, run_world
 
 
 def test_frames_and_captions_carry_the_latent_content():
