@@ -1,7 +1,17 @@
-"""Goal: the sharded embedding step (DMP, row-wise, fused optimizer in backward, 2 gloo
-processes) against a bare single-process TorchRec EmbeddingCollection step with dense
-gradients and a torch optimizer, on the same tables and batch; plus the full step
-(sparse + DeepSpeed dense) for context. Prints one JSON line."""
+"""Goal: a fast training step, and a loop that keeps it fed.
+
+On CUDA when present (one rank per GPU), else on CPU with gloo ranks. Prints one JSON line:
+- `sparse_step_ms`: the project's sharded ID tables (`shard_sparse_arch`: four tables, row-wise,
+  fused RowWiseAdagrad) stepped on a user + item batch;
+- `plain_torchrec_step_ms`, the baseline measured in the same run: a plain TorchRec
+  `EmbeddingCollection` with the same two 64-dim user/item tables, row-wise under
+  DistributedModelParallel with fused RowWiseAdagrad, on the same ids and device;
+- `full_step_examples_per_s`: the whole step (sparse + DeepSpeed dense encoders + loss +
+  both optimizers) at `--full-batch`, with every item distinct-ish (drawn from a large
+  catalogue), content gathered from a device-resident ContentStore;
+- `loop_examples_per_s`: the same steps fed by the project's Prefetcher (batches built on
+  its thread from raw pairs, copied on a side stream), wall clock, and its ratio to the step.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
 import numpy as np  # noqa: E402
@@ -27,97 +36,177 @@ from trainer.config import ModelConfig  # noqa: E402
 CFG = ModelConfig(max_users=100_000, max_items=100_000)
 
 
-def _ids(batch: int, rank: int):
-    rng = np.random.default_rng(rank)
-    return rng.integers(0, CFG.max_users, batch), rng.integers(0, CFG.max_items, batch)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _time(fn, steps: int) -> float:
-    for _ in range(3):
+def _time_ms(fn, steps: int, device: torch.device) -> float:
+    for _ in range(5):
         fn()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
+    _sync(device)
     return (time.perf_counter() - t0) / steps * 1000
 
 
-def bare_step_ms(batch: int, steps: int) -> float:
-    from embeddings.tables import table_configs
-    from trainer.batch import user_kjt
-    from trainer.model import SparseArch
-
-    torch.set_num_threads(1)
-    sparse = SparseArch(table_configs(CFG), device="cpu")
-    opt = torch.optim.Adagrad(sparse.parameters(), lr=0.05)
-    users, items = _ids(batch, 0)
-    kjt = _two_feature_kjt(users, items)
-
-    def step():
-        emb = sparse(kjt)
-        loss = (emb["user_id"] * emb["item_id"]).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return _time(step, steps)
-
-
-def _two_feature_kjt(users, items):
+def _two_feature_kjt(users: np.ndarray, items: np.ndarray):
     from trainer.batch import _kjt
 
     empty = np.zeros(0, np.int64)
     return _kjt(len(users), users, items, empty, empty)
 
 
-def _sharded(rank: int, port: int, batch: int, steps: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def plain_torchrec(device: torch.device, sparse_lr: float):
+    """The baseline: the same two tables in a bare EmbeddingCollection, row-wise, fused RowWiseAdagrad."""
+    from torchrec import EmbeddingCollection, EmbeddingConfig
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    tables = [EmbeddingConfig(name=f"{f}s", embedding_dim=CFG.embedding_dim, num_embeddings=n, feature_names=[f])
+              for f, n in (("user_id", CFG.max_users), ("item_id", CFG.max_items))]
+    ec = EmbeddingCollection(tables=tables, device=torch.device("meta"))
+    apply_optimizer_in_backward(RowWiseAdagrad, ec.parameters(), {"lr": sparse_lr})
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=dist.get_world_size()),
+                                               kernel_config=KernelConfig(compute_device=device.type))
+    constraints = {t.name: ParameterConstraints(sharding_types=["row_wise"]) for t in tables}
+    sharders = [EmbeddingCollectionSharder()]
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(ec, sharders, dist.GroupMember.WORLD)
+    return DistributedModelParallel(ec, device=device, plan=plan, sharders=sharders)
+
+
+def _rank(rank: int, world: int, port: int, args, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from cluster.devices import backend, deepspeed_config, precision
+
+    gpu = args.device == "cuda"
+    device = torch.device("cuda", rank) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(1 if not gpu else 4)
+    dist.init_process_group(backend(gpu), rank=rank, world_size=world)
     import deepspeed
 
-    from cluster.devices import deepspeed_config
+    from cluster.pipeline import Prefetcher, StepClock
     from embeddings.tables import shard_sparse_arch
     from trainer.batch import ContentStore, make_batch
     from trainer.model import DenseArch
     from trainer.step import TrainStep
 
-    sparse = shard_sparse_arch(CFG, torch.device("cpu"), 0.05)
-    users, items = _ids(batch, rank)
-    kjt = _two_feature_kjt(users, items)
-
-    def sparse_step():
-        emb = sparse(kjt)
-        (emb["user_id"] * emb["item_id"]).sum().backward()
-
-    sparse_ms = _time(sparse_step, steps)
-    dense = DenseArch(CFG)
-    engine, *_ = deepspeed.initialize(model=dense, optimizer=torch.optim.AdamW(dense.parameters()), dist_init_required=False,
-                                      config=deepspeed_config(256, 2, 1, 1.0, False))
     rng = np.random.default_rng(rank)
-    store = ContentStore(CFG)
-    for i in range(500):
-        store.add(i, rng.integers(0, 255, (CFG.frames, CFG.frame_size, CFG.frame_size, 3), dtype=np.uint8), True, f"w{i} x y", i % 16, i % 16)
-    full = TrainStep(sparse, engine, CFG.temperature, torch.device("cpu"))
-    b = make_batch(rng.integers(0, 600, 256), rng.integers(0, 500, 256), store, 0.5, rng, np.ones(500, np.int64), np.ones(600, np.int64))
-    full_ms = _time(lambda: full(b), max(3, steps // 10))
-    out[rank] = (sparse_ms, full_ms)
+    users, items = rng.integers(0, CFG.max_users, args.batch), rng.integers(0, CFG.max_items, args.batch)
+    kjt = _two_feature_kjt(users, items).to(device)
+
+    sparse = shard_sparse_arch(CFG, device, 0.05)
+    plain = plain_torchrec(device, 0.05)
+
+    def step_of(model):
+        def step():
+            emb = model(kjt)
+            emb = {k: v if isinstance(v, torch.Tensor) else v.values() for k, v in emb.items()}  # plain EC: JaggedTensors
+            (emb["user_id"] * emb["item_id"]).sum().backward()
+        return step
+
+    sparse_ms = _time_ms(step_of(sparse), args.steps, device)
+    plain_ms = _time_ms(step_of(plain), args.steps, device)
+    sparse_ms = _time_ms(step_of(sparse), args.steps, device)  # again, after the plain one: no warm-up advantage
+
+    # the full step: content for a catalogue on the device, a batch of pairs over it
+    prec = precision(args.precision, gpu)
+    dense = DenseArch(CFG)
+    if args.compile:
+        dense.compile(dynamic=True)
+    engine, *_ = deepspeed.initialize(model=dense, optimizer=torch.optim.AdamW(dense.parameters(), lr=1e-3), dist_init_required=False,
+                                      config=deepspeed_config(args.full_batch, world, args.zero_stage, 1.0, prec == "bf16"))
+    store = ContentStore(CFG, device, capacity=args.catalogue)
+    words = [f"w{i}" for i in range(500)]
+    for i in range(args.catalogue):
+        frames = rng.integers(0, 255, (CFG.frames, CFG.frame_size, CFG.frame_size, 3), dtype=np.uint8)
+        store.add(i, frames, True, " ".join(rng.choice(words, 6)), int(rng.integers(CFG.n_clusters)), int(rng.integers(CFG.n_clusters)))
+    _sync(device)
+    counts_i, counts_u = np.ones(CFG.max_items, np.int64), np.ones(CFG.max_users, np.int64)
+
+    def build():
+        u = rng.integers(0, CFG.max_users, args.full_batch)
+        i = rng.integers(0, args.catalogue, args.full_batch)
+        return make_batch(u, i, store, 0.5, rng, counts_i, counts_u)
+
+    full = TrainStep(sparse, engine, CFG.temperature, device)
+    fixed = [build() for _ in range(4)]
+    distinct = float(np.mean([len(b.slots) for b in fixed]))
+    n = [0]
+
+    def full_step():
+        full(fixed[n[0] % 4])
+        n[0] += 1
+
+    full_ms = _time_ms(full_step, args.full_steps, device)
+
+    # the loop: the same steps, fed by the Prefetcher from raw pairs
+    pf = Prefetcher(build, device, depth=4)
+    clock = StepClock(device)
+    for _ in range(3):
+        full(pf.get(60.0))
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.full_steps):
+        b = pf.get(60.0)
+        clock.start()
+        full(b)
+        clock.stop()
+    _sync(device)
+    loop_s = time.perf_counter() - t0
+    pf.close()
+    step_s = clock.seconds(wait=True)
+    out[rank] = {"sparse_ms": sparse_ms, "plain_ms": plain_ms, "full_ms": full_ms, "loop_s": loop_s, "step_s": step_s,
+                 "distinct": distinct, "precision": prec, "device": torch.cuda.get_device_name(device) if gpu else "cpu"}
     dist.destroy_process_group()
 
 
 def main() -> None:
+    gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if gpu else "cpu")
+    ap.add_argument("--world", type=int, help="ranks (default: 1 on CUDA, 2 on CPU)")
+    ap.add_argument("--batch", type=int, default=4096, help="pairs per rank for the sparse steps")
+    ap.add_argument("--full-batch", type=int, help="pairs per rank for the full step (default: 4096 on CUDA, 256 on CPU)")
+    ap.add_argument("--catalogue", type=int, help="items with content on the device (default: 50,000 on CUDA, 2,000 on CPU)")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--full-steps", type=int, help="default: 50 on CUDA, 10 on CPU")
+    ap.add_argument("--precision", choices=["fp32", "bf16"])
+    ap.add_argument("--zero-stage", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the dense arch's forward (dynamic shapes)")
     args = ap.parse_args()
+    on_gpu = args.device == "cuda"
+    world = args.world or (1 if on_gpu else 2)
+    args.full_batch = args.full_batch or (4096 if on_gpu else 256)
+    args.catalogue = args.catalogue or (50_000 if on_gpu else 2_000)
+    args.full_steps = args.full_steps or (50 if on_gpu else 10)
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = mp.Manager().dict()
-    mp.spawn(_sharded, args=(free_port(), args.batch, args.steps, out), nprocs=2, join=True)
-    sharded_ms = max(out[0][0], out[1][0])
-    full_ms = max(out[0][1], out[1][1])
-    bare_ms = bare_step_ms(args.batch, args.steps)
-    print(json.dumps({"goal": "train_step", "batch_per_rank": args.batch, "tables": "2 x 100k x 64 (+2 x 16 x 64)",
-                      "sharded_step_ms": round(sharded_ms, 2), "baseline": "bare EmbeddingCollection, 1 process, dense grads + Adagrad",
-                      "baseline_step_ms": round(bare_ms, 2), "ratio": round(sharded_ms / bare_ms, 3),
-                      "full_step_ms_batch256": round(full_ms, 1), "world_size": 2}))
+    mp.spawn(_rank, args=(world, free_port(), args, out), nprocs=world, join=True)
+    slowest = {k: max(out[r][k] for r in range(world)) for k in ("sparse_ms", "plain_ms", "full_ms", "loop_s", "step_s")}
+    examples = args.full_batch * world * args.full_steps
+    print(json.dumps({
+        "goal": "train_step", "device": out[0]["device"], "world_size": world, "precision": out[0]["precision"],
+        "compiled": args.compile, "zero_stage": args.zero_stage,
+        "tables": "user + item 100k x 64 (+ 2 cluster tables in the project's)", "batch_per_rank": args.batch,
+        "sparse_step_ms": round(slowest["sparse_ms"], 2),
+        "plain_torchrec_step_ms": round(slowest["plain_ms"], 2),
+        "sparse_vs_plain": round(slowest["sparse_ms"] / slowest["plain_ms"], 3),
+        "full_batch_per_rank": args.full_batch, "distinct_items_per_batch": round(out[0]["distinct"]),
+        "full_step_ms": round(slowest["full_ms"], 2),
+        "full_step_examples_per_s": round(args.full_batch * world / slowest["full_ms"] * 1000),
+        "loop_examples_per_s": round(examples / slowest["loop_s"]),
+        "loop_step_ratio": round(slowest["step_s"] / slowest["loop_s"], 3),
+    }))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from YAML with `section.field=value` overrides, validated once at start."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -15,6 +15,8 @@ from trainer.config import ModelConfig, OptimConfig
 class TrainLoopConfig(Strict):
     workers: int = Field(2, ge=1, description="Ray Train workers; each owns some partitions and table shards")
     use_gpu: bool | None = Field(None, description="None: use CUDA when present")
+    precision: Literal["fp32", "bf16"] | None = Field(None, description="dense engine precision; None: bf16 on CUDA, fp32 on CPU (sparse rows stay fp32)")
+    prefetch_batches: int = Field(4, ge=1, description="batches the input thread may build ahead of the step (bounds its memory)")
     threads_per_worker: int = Field(1, ge=1)
     duration_s: float = Field(150.0, gt=0, description="stop training after this long (a service runs with a large value)")
     max_steps: int | None = Field(None, ge=1)

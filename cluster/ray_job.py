@@ -9,7 +9,7 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 from cluster.devices import backend, want_gpu
 from cluster.worker import train_loop_per_worker
 
@@ -17,17 +17,17 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker_env() -> dict[str, str]:
-    """Environment every worker gets: CPU accelerator for DeepSpeed unless CUDA, a project-owned
-    cache for DeepSpeed's JIT-compiled ops, one thread per worker."""
+def worker_env(gpu: bool) -> dict[str, str]:
+    """Environment every worker gets: CPU accelerator for DeepSpeed unless the run uses CUDA
+    (also on a CUDA host told not to), a project-owned cache for DeepSpeed's JIT-compiled ops,
+    one thread per worker."""
     env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONWARNINGS": "ignore",
     }
-    if not want_gpu(None):
-        env["DS_ACCELERATOR"] = "cpu"
+    env["DS_ACCELERATOR"] = "cuda" if gpu else "cpu"  # explicit both ways: an inherited value must not win
     return env
 
 
@@ -35,17 +35,18 @@ def start_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.update(worker_env())
+    env = worker_env(want_gpu(cfg.train.use_gpu))
+    os.environ.update(env)
     address = os.environ.get("RAY_ADDRESS")
     if address:  # a real cluster: join it
-        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return
     ray.init(
         num_cpus=max(cfg.train.workers, os.cpu_count() or 1),
         object_store_memory=256 * 1024**2,
         include_dashboard=False,
         _temp_dir=f"/tmp/ray-cs-{os.getuid()}",
-        runtime_env={"env_vars": worker_env()},
+        runtime_env={"env_vars": env},
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
@@ -55,6 +56,11 @@ def run_training(cfg: Config, bootstrap: str) -> dict:
     """Trains until the configured budget; returns the final metrics of rank 0."""
     start_ray(cfg)
     gpu = want_gpu(cfg.train.use_gpu)
+    if gpu:
+        have = int(ray.cluster_resources().get("GPU", 0))
+        if have < cfg.train.workers:  # Ray would otherwise wait for the missing GPUs for ever
+            raise ConfigError(f"config error: train.workers={cfg.train.workers} needs {cfg.train.workers} GPUs, "
+                              f"the Ray cluster has {have} (use --workers {max(have, 1)}, or --no-gpu)")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json") | {"runs_dir": str(cfg.runs_dir.resolve())}, "bootstrap": bootstrap},

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from cluster.config import Config
-from cluster.devices import deepspeed_config, want_gpu
+from cluster.devices import control_group, deepspeed_config, precision, want_gpu
+from cluster.pipeline import Prefetcher, StepClock
 from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
 from embeddings.publish import IndexPublisher
 from embeddings.tables import shard_sparse_arch
@@ -35,6 +35,13 @@ from trainer.step import TrainStep, export_vectors
 
 log = logging.getLogger("coldstream.worker")
 DS_TAG = "dense"
+
+
+def all_sum(values: list[float], group: dist.ProcessGroup) -> list[float]:
+    """Sums host-side control values over all ranks; `group` must handle CPU tensors (gloo)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
 
 
 class ReplayWindow:
@@ -65,6 +72,8 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.gpu = want_gpu(cfg.train.use_gpu)
         self.device = ray.train.torch.get_device() if self.gpu else torch.device("cpu")
+        self.precision = precision(cfg.train.precision, self.gpu)
+        self.control = control_group()
         torch.set_num_threads(cfg.train.threads_per_worker)
         torch.manual_seed(cfg.train.seed)
         self.rng = np.random.default_rng((cfg.train.seed, self.rank))
@@ -78,7 +87,7 @@ class Worker:
         optimizer = torch.optim.AdamW(dense.parameters(), lr=o.dense_lr, weight_decay=o.weight_decay)
         self.engine, *_ = deepspeed.initialize(
             model=dense, optimizer=optimizer, dist_init_required=False,
-            config=deepspeed_config(o.batch_size, self.world, o.zero_stage, o.gradient_clipping, self.gpu),
+            config=deepspeed_config(o.batch_size, self.world, o.zero_stage, o.gradient_clipping, self.precision == "bf16"),
         )
         self.step_fn = TrainStep(self.sparse, self.engine, m.temperature, self.device)
 
@@ -90,6 +99,8 @@ class Worker:
         self.clusters: tuple[ClusterModel, ClusterModel] | None = None
         self.waiting: dict[int, list[int]] = defaultdict(list)  # positives whose item is not announced yet
         self.fresh: list[tuple[int, int]] = []
+        self.inflight: dict[int, np.ndarray] = {}  # fresh pairs of batches built but not yet trained, by batch seq
+        self.built = 0
         self.replay = ReplayWindow(o.replay_window)
         offsets: dict[int, int] = {}
         checkpoint = ray.train.get_checkpoint()
@@ -100,12 +111,13 @@ class Worker:
         self.stream = InteractionStream(cfg.kafka, bootstrap, parts, m.max_users, m.max_items, offsets, f"coldstream-w{self.rank}")
         self.feed = ItemFeed(cfg.kafka, bootstrap, m.max_items, f"coldstream-items-w{self.rank}")
         self.shards = ShardCache(m.frames, m.frame_size)
-        self.store = ContentStore(m)
+        self.store = ContentStore(m, self.device)
         self.unclustered: list = []  # content read before the cluster model exists
         self.publisher = IndexPublisher(self.run_dir / "index", cfg.publish.keep_versions, cfg.publish.index_factory)
         self.dropped_unknown_item = 0
-        self.losses: list[float] = []
-        log.info("worker %d/%d on %s owns partitions %s (resumed at step %d)", self.rank, self.world, self.device, parts, self.step)
+        self.losses: deque[torch.Tensor] = deque(maxlen=20)  # device tensors, read only at status time
+        log.info("worker %d/%d on %s (%s) owns partitions %s (resumed at step %d)", self.rank, self.world, self.device,
+                 self.precision, parts, self.step)
 
     # ---- input -----------------------------------------------------------------------------
     def _add_content(self, content) -> None:
@@ -149,7 +161,7 @@ class Worker:
             k = self.cfg.model.n_clusters
             box = [(ClusterModel.fit(np.stack([frame_descriptor(c.frames) for c in self.unclustered]), k).centroids,
                     ClusterModel.fit(np.stack([text_descriptor(c.text) for c in self.unclustered]), k).centroids)]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.control)
         self.clusters = (ClusterModel(box[0][0]), ClusterModel(box[0][1]))
         for content in self.unclustered:
             self._add_content(content)
@@ -170,34 +182,47 @@ class Worker:
         self.fresh = [p for p in self.fresh if p[1] in self.store]
         self.dropped_unknown_item += before - len(self.fresh) + int((~ok).sum())
 
-    def _next_batch(self):
+    def _build(self):
+        """One round of the input thread: ingest what arrived, and build a batch once there are
+        enough positives (fresh first, topped up from the replay window)."""
+        self._ingest()
         b = self.cfg.optim.batch_size
+        if len(self.fresh) + self.replay.size < b:
+            return None
         take, self.fresh = self.fresh[:b], self.fresh[b:]
         fresh = np.array(take, np.int64).reshape(-1, 2)
         self.replay.add(fresh)
         np.add.at(self.user_positives, fresh[:, 0], 1)
         np.add.at(self.item_positives, fresh[:, 1], 1)
         pairs = fresh if len(fresh) == b else np.concatenate([fresh, self.replay.sample(self.rng, b - len(fresh))])
-        return make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng,
-                          self.item_positives, self.user_positives)
+        batch = make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng,
+                           self.item_positives, self.user_positives, pairs=fresh)
+        self.built += 1
+        batch.seq = self.built
+        self.inflight[batch.seq] = fresh
+        return batch
+
+    def _untrained(self) -> np.ndarray:
+        """Positives consumed but not trained yet: in built batches, then still queued as fresh."""
+        parts = [self.inflight[k] for k in sorted(self.inflight)] + [np.array(self.fresh, np.int64).reshape(-1, 2)]
+        return np.concatenate(parts)
 
     # ---- collective actions ----------------------------------------------------------------
     def _sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
+        return all_sum(values, self.control)
 
     def publish(self) -> dict:
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, (set(self.store.items), self.users, self.stream.positions()))
+        dist.all_gather_object(gathered, (set(self.store.items), self.users, self.stream.positions()), group=self.control)
         items = np.array(sorted(set.intersection(*(g[0] for g in gathered))), np.int64)
         users = np.array(sorted(set.union(*(g[1] for g in gathered))), np.int64)
         if len(items) == 0 or len(users) == 0:  # the same on every rank: nothing to serve yet
             return {}
         counts = torch.from_numpy(self.counts.astype(np.float64))
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=self.control)
         mature = counts.numpy()[items] >= self.cfg.model.maturity_threshold
-        item_vecs, user_vecs = export_vectors(self.sparse, self.engine.module, self.store, items, users, mature, self.device)
+        item_vecs, user_vecs = export_vectors(self.sparse, self.engine.module, self.store, items, users, mature, self.device,
+                                              group=self.control)
         info = {"step": self.step, "mature_items": int(mature.sum()), "kafka_offsets": {
             self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}}}
         if self.rank == 0:
@@ -218,7 +243,7 @@ class Worker:
             # consumed but not yet trained on: saved with the offsets, so a restart loses no event
             waiting = [(u, i) for i, us in self.waiting.items() for u in us]
             np.savez(d / f"buffers-rank{self.rank}.npz", replay=self.replay.ordered(),
-                     fresh=np.array(self.fresh, np.int64).reshape(-1, 2), waiting=np.array(waiting, np.int64).reshape(-1, 2))
+                     fresh=self._untrained(), waiting=np.array(waiting, np.int64).reshape(-1, 2))
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
                 "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step}))
             if self.rank == 0:
@@ -247,59 +272,86 @@ class Worker:
         return {int(p): int(o) for p, o in mine["offsets"].items()}
 
     # ---- the loop ----------------------------------------------------------------------------
+    def _status(self, clock: StepClock, loop_s: float, steps: int, version: int | None) -> None:
+        with self.input.paused():  # the consumer is not thread-safe; the input thread polls it
+            consumed, lag, malformed, items = self.stream.stats.consumed, self.stream.lag(), self.stream.stats.malformed, len(self.store)
+        examples = steps * self.cfg.optim.batch_size * self.world
+        loop_rate, step_rate = examples / max(loop_s, 1e-9), examples / max(clock.seconds(), 1e-9)
+        loss = float(torch.stack(list(self.losses)).float().mean())
+        print(f"[coldstream] step {self.step} loss {loss:.3f} | {steps / max(loop_s, 1e-9):.1f} steps/s {loop_rate:.0f} ex/s "
+              f"(in steps {step_rate:.0f}) | w0 consumed {consumed} lag {lag} dead-letter {malformed} | items {items} | index v{version}",
+              flush=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"t": time.time(), "step": self.step, "loss": loss, "examples_per_s": loop_rate,
+                                "step_examples_per_s": step_rate}) + "\n")
+
     def run(self) -> None:
+        """Agree, step, publish, checkpoint; input arrives from the Prefetcher's thread.
+
+        The loop's own time excludes publication and checkpoints (they are reported apart), so
+        loop examples/s over step examples/s measures what waiting for input costs.
+        """
         t = self.cfg.train
         if self.clusters is None:
             self._fit_clusters()
         else:
             self._catch_up_items()
+        self.input = Prefetcher(self._build, self.device, t.prefetch_batches)
+        clock = StepClock(self.device)
         start = last_pub = last_ckpt = last_status = time.monotonic()
         start_step = last_pub_step = self.step
-        train_time = 0.0
-        metrics_path = self.run_dir / "metrics.jsonl"
-        version = None
-        while True:
-            self._ingest()
-            now = time.monotonic()
-            ready = len(self.fresh) + self.replay.size >= self.cfg.optim.batch_size
-            lead = self.rank == 0
-            stop = lead and (now - start > t.duration_s or (t.max_steps is not None and self.step >= t.max_steps))
-            pub = lead and self.step > last_pub_step and (now - last_pub > t.publish_every_s or self.step - last_pub_step >= t.publish_every_steps)
-            ckpt = lead and now - last_ckpt > t.checkpoint_every_s
-            not_ready, stop, pub, ckpt = self._sum([float(not ready), stop, pub, ckpt])
-            if stop:
-                break
-            if not not_ready:
-                t0 = time.perf_counter()
-                self.losses.append(self.step_fn(self._next_batch()))
-                train_time += time.perf_counter() - t0
-                self.step += 1
-            if pub:
-                version = self.publish().get("version", version)
-                last_pub, last_pub_step = time.monotonic(), self.step
-            if ckpt:
-                self.checkpoint({"step": self.step})
-                last_ckpt = time.monotonic()
-            if lead and now - last_status > t.status_every_s and self.losses:
-                steps = self.step - start_step
-                ex_s = steps * self.cfg.optim.batch_size * self.world / max(now - start, 1e-9)
-                loss = float(np.mean(self.losses[-20:]))
-                print(f"[coldstream] step {self.step} loss {loss:.3f} | {steps / (now - start):.1f} steps/s "
-                      f"{ex_s:.0f} ex/s | w0 consumed {self.stream.stats.consumed} lag {self.stream.lag()} "
-                      f"dead-letter {self.stream.stats.malformed} | items {len(self.store)} | index v{version}", flush=True)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"t": time.time(), "step": self.step, "loss": loss, "examples_per_s": ex_s}) + "\n")
-                last_status = now
+        side_s = 0.0  # publication and checkpoints
+        version, batch = None, None
+        try:
+            while True:
+                if batch is None:
+                    batch = self.input.get(timeout_s=0.05)
+                now = time.monotonic()
+                lead = self.rank == 0
+                stop = lead and (now - start > t.duration_s or (t.max_steps is not None and self.step >= t.max_steps))
+                pub = lead and self.step > last_pub_step and (now - last_pub > t.publish_every_s or self.step - last_pub_step >= t.publish_every_steps)
+                ckpt = lead and now - last_ckpt > t.checkpoint_every_s
+                not_ready, stop, pub, ckpt = self._sum([float(batch is None), stop, pub, ckpt])
+                if stop:
+                    break
+                if not not_ready:
+                    clock.start()
+                    self.losses.append(self.step_fn(batch))
+                    clock.stop()
+                    self.inflight.pop(batch.seq, None)
+                    batch = None
+                    self.step += 1
+                if pub or ckpt:
+                    t0 = time.monotonic()
+                    with self.input.paused():
+                        if pub:
+                            version = self.publish().get("version", version)
+                            last_pub, last_pub_step = time.monotonic(), self.step
+                        if ckpt:
+                            self.checkpoint({"step": self.step})
+                            last_ckpt = time.monotonic()
+                    side_s += time.monotonic() - t0
+                if lead and now - last_status > t.status_every_s and self.losses:
+                    self._status(clock, now - start - side_s, self.step - start_step, version)
+                    last_status = now
+        finally:
+            self.input.close()  # batches it leaves behind keep their pairs in self.inflight: checkpointed as fresh
+        loop_s = time.monotonic() - start - side_s
+        step_s = clock.seconds(wait=True)
         version = self.publish().get("version", version)
-        consumed, malformed, dropped, skipped, ttime = self._sum([
+        consumed, malformed, dropped, skipped, loop_total, step_total = self._sum([
             self.stream.stats.consumed, self.stream.stats.malformed, self.dropped_unknown_item,
-            len(self.shards.skipped) if self.rank == 0 else 0, train_time])
+            len(self.shards.skipped) if self.rank == 0 else 0, loop_s, step_s])
         steps = self.step - start_step
+        examples = steps * self.cfg.optim.batch_size * self.world
+        loop_rate = examples / max(loop_total / self.world, 1e-9)
+        step_rate = examples / max(step_total / self.world, 1e-9)
         final = {
             "events_consumed": int(consumed), "dead_lettered": int(malformed), "events_dropped_missing_content": int(dropped),
             "items_skipped": int(skipped), "train_steps": self.step, "steps_this_run": steps,
-            "examples_per_s": steps * self.cfg.optim.batch_size * self.world / max(ttime / self.world, 1e-9),
-            "final_loss": float(np.mean(self.losses[-20:])) if self.losses else None, "index_version": version,
+            "examples_per_s": loop_rate, "step_examples_per_s": step_rate, "loop_step_ratio": loop_rate / max(step_rate, 1e-9),
+            "device": str(self.device), "precision": self.precision,
+            "final_loss": float(torch.stack(list(self.losses)).float().mean()) if self.losses else None, "index_version": version,
         }
         self.checkpoint(final)
         self.stream.close()

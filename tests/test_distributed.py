@@ -78,7 +78,7 @@ def test_dmp_and_deepspeed_share_one_backward():
     out = mp.Manager().dict()
     mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     r0, r1 = out[0], out[1]
-    assert r0["sharding"]["user_ids"] == "row_wise" and r0["sharding"]["frame_clusters"] == "table_wise"
+    assert r0["sharding"]["user_ids"] == "row_wise" and r0["sharding"]["frame_clusters"] == "row_wise"
     # row-wise: each rank materialises half of the 64 user rows
     assert r0["local_rows"]["ec.embeddings.user_ids.weight"] == 32 and r1["local_rows"]["ec.embeddings.user_ids.weight"] == 32
     # users 0..7 live in rank 0's shard and 40..47 in rank 1's (local rows 8..15): exactly those rows moved
@@ -88,3 +88,48 @@ def test_dmp_and_deepspeed_share_one_backward():
     assert r0["dense_equal_across_ranks"]
     for r in (r0, r1):
         assert r["losses"][-1] < r["losses"][0] * 0.7, r["losses"]
+
+
+def _cuda_only_default_group(rank: int, port: int, out: dict) -> None:
+    """The default group is NCCL-like (a backend registered for CUDA only), as on a GPU host."""
+    import datetime
+
+    from cluster.devices import control_group
+    from cluster.worker import all_sum
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.Backend.register_backend("cudaonly", lambda store, r, size, timeout: dist.ProcessGroupGloo(store, r, size, timeout),
+                                  devices=["cuda"])
+    dist.init_process_group("cudaonly", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        dist.all_reduce(torch.ones(1))
+        out[f"default-{rank}"] = "ok"
+    except RuntimeError as exc:
+        out[f"default-{rank}"] = str(exc)
+    out[rank] = all_sum([1.0, float(rank)], control_group())
+    dist.destroy_process_group()
+
+
+def test_control_collectives_never_touch_a_cuda_only_default_group():
+    """What killed the first GPU run: the loop's CPU all-reduce on a NCCL-only group."""
+    out = mp.Manager().dict()
+    mp.spawn(_cuda_only_default_group, args=(free_port(), out), nprocs=2, join=True)
+    assert "No backend type associated with device type cpu" in out["default-0"]  # the failure is reproduced
+    assert out[0] == out[1] == [2.0, 1.0]
+
+
+def test_bf16_dense_engine_takes_fp32_sparse_rows():
+    """The sparse lookups hand fp32 rows to a bf16 dense arch: one cast at the boundary, fp32 out."""
+    from trainer.model import DenseArch
+
+    m = DenseArch(CFG)
+    for p in m.parameters():  # as DeepSpeed's bf16 mode does: parameters only, buffers stay fp32
+        p.data = p.data.to(torch.bfloat16)
+    e = CFG.embedding_dim
+    frames = torch.randint(0, 255, (3, CFG.frames, CFG.frame_size, CFG.frame_size, 3), dtype=torch.uint8)
+    tokens = torch.randint(1, CFG.text_vocab, (3, CFG.text_len))
+    rows = [torch.randn(3, e, requires_grad=True) for _ in range(4)]
+    users, items = m(*rows, frames, tokens, torch.ones(3), torch.ones(3))
+    assert users.dtype == items.dtype == torch.float32
+    (users * items).sum().backward()
+    assert all(r.grad is not None and r.grad.dtype == torch.float32 for r in rows)  # fused optimizers get fp32 grads

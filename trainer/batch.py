@@ -1,12 +1,17 @@
 """From (user, item) pairs plus item content to the tensors one training step needs.
 
+Item content lives in a `ContentStore`: slot-indexed tensors on the device the step
+runs on, written once when an item is announced. A batch carries only ids and slots,
+and the step gathers its items' frames and tokens where it runs, so a batch costs a
+device-side gather instead of a host copy of every clip (about 50 MB at batch 4,096).
+
 Content is encoded once per distinct item in a batch (a popular item appears many
 times), so the KJT carries per-example user ids but per-distinct-item item and
 cluster ids; `item_index` maps examples back to their item row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -17,24 +22,52 @@ from trainer.model import FEATURES
 from trainer.text import tokenize
 
 
-@dataclass
-class ItemFeatures:
-    frames: np.ndarray  # uint8 [F, S, S, 3]
-    has_frames: bool
-    tokens: np.ndarray  # int64 [T]
-    frame_cluster: int
-    text_cluster: int
-
-
 class ContentStore:
-    """Per-item model inputs, filled as items are announced and their shards read."""
+    """Per-item model inputs, filled as items are announced and their shards read.
 
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
-        self.items: dict[int, ItemFeatures] = {}
+    Rows are addressed by slot (item id -> slot in `items`). The tensors grow by doubling;
+    a batch keeps references to the tensors that were current when it was built, so a
+    later growth never changes what an already built batch reads.
+    """
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu", capacity: int = 256):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.items: dict[int, int] = {}
+        self.frames = torch.zeros((capacity, cfg.frames, cfg.frame_size, cfg.frame_size, 3), dtype=torch.uint8, device=self.device)
+        self.tokens = torch.zeros((capacity, cfg.text_len), dtype=torch.int64, device=self.device)
+        self.has_frames = torch.zeros(capacity, device=self.device)
+        # cluster ids stay on the host: they go into the KJT, which is built on the host
+        self.frame_cluster = np.zeros(capacity, np.int64)
+        self.text_cluster = np.zeros(capacity, np.int64)
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.frame_cluster)
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        for name in ("frames", "tokens", "has_frames"):
+            old = getattr(self, name)
+            grown = old.new_zeros((new, *old.shape[1:]))
+            grown[:cap] = old
+            setattr(self, name, grown)
+        for name in ("frame_cluster", "text_cluster"):
+            setattr(self, name, np.resize(getattr(self, name), new))
 
     def add(self, item_id: int, frames: np.ndarray, has_frames: bool, text: str, frame_cluster: int, text_cluster: int) -> None:
-        self.items[item_id] = ItemFeatures(frames, has_frames, tokenize(text, self.cfg.text_vocab, self.cfg.text_len), frame_cluster, text_cluster)
+        slot = self.items.get(item_id, len(self.items))
+        self._grow(slot + 1)
+        self.frames[slot] = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device, non_blocking=True)
+        self.tokens[slot] = torch.from_numpy(tokenize(text, self.cfg.text_vocab, self.cfg.text_len)).to(self.device, non_blocking=True)
+        self.has_frames[slot] = float(has_frames)
+        self.frame_cluster[slot], self.text_cluster[slot] = frame_cluster, text_cluster
+        self.items[item_id] = slot
+
+    def slots(self, items: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.items[int(i)] for i in items), np.int64, len(items))
+
+    def content(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The current (frames, tokens, has_frames) tensors, for a batch to gather from."""
+        return self.frames, self.tokens, self.has_frames
 
     def __contains__(self, item_id: int) -> bool:
         return item_id in self.items
@@ -43,21 +76,44 @@ class ContentStore:
         return len(self.items)
 
 
+def gather_content(content: tuple[torch.Tensor, ...], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """frames [U, F, S, S, 3] uint8, tokens [U, T], has_frames [U] for the given slots, on the store's device."""
+    return tuple(t.index_select(0, slots.to(t.device)) for t in content)
+
+
 @dataclass
 class Batch:
     kjt: KeyedJaggedTensor
     user_ids: torch.Tensor  # [B]
     item_ids: torch.Tensor  # [B]
     item_index: torch.Tensor  # [B] -> row of the distinct-item tensors below
-    frames: torch.Tensor  # uint8 [U, F, S, S, 3]
-    tokens: torch.Tensor  # [U, T]
-    has_frames: torch.Tensor  # [U]
+    slots: torch.Tensor  # [U] content-store slot of each distinct item
     id_keep: torch.Tensor  # [U]
     item_log_q: torch.Tensor  # [B] log share of positives that went to this example's item
     user_log_q: torch.Tensor  # [B] ... and to this example's user
+    content: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the store's tensors when the batch was built
+    pairs: np.ndarray | None = None  # [B', 2] the fresh (not replayed) pairs in it: untrained until its step runs
+    seq: int = -1  # numbered by whoever builds batches, to track which are not yet trained
 
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q"):
+            moved[name] = moved[name].to(device, non_blocking=non_blocking)
+        return Batch(**moved)
+
+    def pin_memory(self) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q"):
+            moved[name] = moved[name].pin_memory()
+        return Batch(**moved)
+
+    def record_stream(self, stream) -> None:
+        """Tells the CUDA caching allocator that `stream` uses these tensors (they were copied on another)."""
+        for name in ("user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q"):
+            getattr(self, name).record_stream(stream)
+        for t in self.content:
+            t.record_stream(stream)
+        self.kjt.record_stream(stream)
 
 
 def _kjt(stride: int, users: np.ndarray, items: np.ndarray, fc: np.ndarray, tc: np.ndarray) -> KeyedJaggedTensor:
@@ -74,43 +130,36 @@ def _kjt(stride: int, users: np.ndarray, items: np.ndarray, fc: np.ndarray, tc: 
     )
 
 
-def item_tensors(store: ContentStore, items: np.ndarray) -> dict[str, torch.Tensor]:
-    feats = [store.items[int(i)] for i in items]
-    return {
-        "frames": torch.from_numpy(np.stack([f.frames for f in feats])),
-        "tokens": torch.from_numpy(np.stack([f.tokens for f in feats])),
-        "has_frames": torch.tensor([float(f.has_frames) for f in feats]),
-    }
-
-
-def log_share(counts: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+def log_share(counts: np.ndarray, ids: np.ndarray, total: int | None = None) -> torch.Tensor:
     """log(count / total) per id, counting each id at least once (a new id is rare, not impossible)."""
     c = np.maximum(counts[ids], 1).astype(np.float64)
-    return torch.from_numpy(np.log(c / max(counts.sum(), 1)).astype(np.float32))
+    total = counts.sum() if total is None else total
+    return torch.from_numpy(np.log(c / max(total, 1)).astype(np.float32))
 
 
 def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_keep_prob: float, rng: np.random.Generator,
-               item_positives: np.ndarray, user_positives: np.ndarray) -> Batch:
+               item_positives: np.ndarray, user_positives: np.ndarray, pairs: np.ndarray | None = None) -> Batch:
     """item_positives / user_positives: positives seen so far per item / user (for the logQ correction)."""
     uniq, index = np.unique(items, return_inverse=True)
-    fc = np.array([store.items[int(i)].frame_cluster for i in uniq])
-    tc = np.array([store.items[int(i)].text_cluster for i in uniq])
+    slots = store.slots(uniq)
+    total = int(item_positives.sum())
     return Batch(
-        kjt=_kjt(len(users), users, uniq, fc, tc),
+        kjt=_kjt(len(users), users, uniq, store.frame_cluster[slots], store.text_cluster[slots]),
         user_ids=torch.from_numpy(users.astype(np.int64)),
         item_ids=torch.from_numpy(items.astype(np.int64)),
         item_index=torch.from_numpy(index.astype(np.int64)),
+        slots=torch.from_numpy(slots),
         id_keep=torch.from_numpy((rng.random(len(uniq)) < id_keep_prob).astype(np.float32)),
-        item_log_q=log_share(item_positives, items),
-        user_log_q=log_share(user_positives, users),
-        **item_tensors(store, uniq),
+        item_log_q=log_share(item_positives, items, total),
+        user_log_q=log_share(user_positives, users, total),
+        content=store.content(),
+        pairs=pairs,
     )
 
 
 def item_kjt(store: ContentStore, items: np.ndarray) -> KeyedJaggedTensor:
-    fc = np.array([store.items[int(i)].frame_cluster for i in items])
-    tc = np.array([store.items[int(i)].text_cluster for i in items])
-    return _kjt(len(items), np.zeros(0, np.int64), items, fc, tc)
+    slots = store.slots(items)
+    return _kjt(len(items), np.zeros(0, np.int64), items, store.frame_cluster[slots], store.text_cluster[slots])
 
 
 def user_kjt(users: np.ndarray) -> KeyedJaggedTensor:

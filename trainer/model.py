@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from trainer.config import ModelConfig
@@ -35,6 +36,11 @@ class SparseArch(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         return {k: jt.values() for k, jt in self.ec(kjt).items()}
+
+
+# cuDNN's fused attention fails at large batch in bf16 (measured at 65,536 sequences on an H100);
+# flash and memory-efficient attention do not, and the math kernel is the CPU path.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _encoder(d: int, heads: int, layers: int) -> nn.TransformerEncoder:
@@ -61,12 +67,13 @@ class FrameEncoder(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames: uint8 [N, F, S, S, 3] -> [N, d]."""
         n, f = frames.shape[:2]
-        x = frames.flatten(0, 1).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = frames.flatten(0, 1).permute(0, 3, 1, 2).to(self.patchify.weight.dtype).div(127.5).sub(1.0)
         x = self.patchify(x).flatten(2).transpose(1, 2)  # [N*F, P, d]
         x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
-        per_frame = self.spatial(x)[:, 0].view(n, f, -1)
-        clip = torch.cat([self.tcls.expand(n, -1, -1), per_frame], 1) + self.tpos[:, : f + 1]
-        return self.norm(self.temporal(clip)[:, 0])
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            per_frame = self.spatial(x)[:, 0].view(n, f, -1)
+            clip = torch.cat([self.tcls.expand(n, -1, -1), per_frame], 1) + self.tpos[:, : f + 1]
+            return self.norm(self.temporal(clip)[:, 0])
 
 
 def _sinusoid(length: int, d: int) -> torch.Tensor:
@@ -91,13 +98,19 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: int64 [N, T] (0 = padding) -> [N, d]."""
-        x = torch.cat([self.cls.expand(len(tokens), -1, -1), self.words(tokens)], 1) + self.pos[:, : tokens.shape[1] + 1]
+        x = torch.cat([self.cls.expand(len(tokens), -1, -1), self.words(tokens)], 1) + self.pos[:, : tokens.shape[1] + 1].to(self.cls.dtype)
         pad = torch.cat([torch.zeros_like(tokens[:, :1], dtype=torch.bool), tokens == 0], 1)
-        return self.norm(self.encoder(x, src_key_padding_mask=pad)[:, 0])
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            return self.norm(self.encoder(x, src_key_padding_mask=pad)[:, 0])
 
 
 class DenseArch(nn.Module):
-    """Content encoders and both towers; returns unit-norm user and item vectors."""
+    """Content encoders and both towers; returns unit-norm fp32 user and item vectors.
+
+    Its inputs arrive in fp32 (the sparse lookups keep fp32 rows); each entry point casts
+    them once to the engine's dtype (bf16 under DeepSpeed's bf16 mode), and the outputs go
+    back to fp32, so the loss and the exported vectors are computed in fp32 either way.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,14 +121,21 @@ class DenseArch(nn.Module):
         self.id_proj = nn.Linear(e, e, bias=False)
         self.user_mlp = nn.Sequential(nn.Linear(e, e), nn.GELU(), nn.Linear(e, e))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.id_proj.weight.dtype
+
     def user_vector(self, user_emb: torch.Tensor) -> torch.Tensor:
-        return F.normalize(user_emb + self.user_mlp(user_emb), dim=-1)
+        user_emb = user_emb.to(self.dtype)
+        return F.normalize((user_emb + self.user_mlp(user_emb)).float(), dim=-1)
 
     def item_vector(self, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep) -> torch.Tensor:
         """id_keep [N] in {0,1}: 0 serves the item from content alone (cold or dropped)."""
+        item_emb, frame_cluster_emb, text_cluster_emb, has_frames, id_keep = (
+            t.to(self.dtype) for t in (item_emb, frame_cluster_emb, text_cluster_emb, has_frames, id_keep))
         z_frames = self.frames(frames) * has_frames.unsqueeze(1)
         content = self.fuse(torch.cat([z_frames, self.text(tokens), frame_cluster_emb, text_cluster_emb], 1))
-        return F.normalize(content + self.id_proj(item_emb) * id_keep.unsqueeze(1), dim=-1)
+        return F.normalize((content + self.id_proj(item_emb) * id_keep.unsqueeze(1)).float(), dim=-1)
 
     def forward(self, user_emb, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep):
         return self.user_vector(user_emb), self.item_vector(item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.batch import Batch, ContentStore, item_kjt, item_tensors, user_kjt
+from trainer.batch import Batch, ContentStore, gather_content, item_kjt, user_kjt
 from trainer.losses import in_batch_softmax_loss
 from trainer.model import FRAME_CLUSTER, ITEM, TEXT_CLUSTER, USER
 
@@ -20,14 +20,16 @@ class TrainStep:
     def __init__(self, sparse: torch.nn.Module, engine, temperature: float, device: torch.device):
         self.sparse, self.engine, self.temperature, self.device = sparse, engine, temperature, device
 
-    def __call__(self, batch: Batch) -> float:
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """Returns the loss as a device tensor: reading it would make the host wait for the GPU."""
         b = batch.to(self.device)
+        frames, tokens, has_frames = gather_content(b.content, b.slots)
         emb = self.sparse(b.kjt)
-        users, items = self.engine(emb[USER], emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], b.frames, b.tokens, b.has_frames, b.id_keep)
+        users, items = self.engine(emb[USER], emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames, b.id_keep)
         loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature, b.item_log_q, b.user_log_q)
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss.detach())
+        return loss.detach()
 
 
 def _chunks(ids: np.ndarray, rank: int, world: int, size: int) -> list[np.ndarray]:
@@ -43,13 +45,13 @@ def _chunks(ids: np.ndarray, rank: int, world: int, size: int) -> list[np.ndarra
 
 @torch.no_grad()
 def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, user_ids: np.ndarray, mature: np.ndarray,
-                   device: torch.device, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                   device: torch.device, chunk: int = 256, group: dist.ProcessGroup | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors for the given items and users, computed by all ranks together.
 
     `mature[k]` says whether item_ids[k] has enough interactions to trust its ID
     embedding; immature items are served from content alone. Every rank returns the
     full result (gathered), in the order of the ids given. All ranks must pass the
-    same ids.
+    same ids. `group` carries the object gather (a gloo group: the vectors travel as host arrays).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = dense.training
@@ -58,9 +60,9 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     item_out: dict[int, np.ndarray] = {}
     for part in _chunks(item_ids, rank, world, chunk):
         emb = sparse(item_kjt(store, part).to(device))
-        t = {k: v.to(device) for k, v in item_tensors(store, part).items()}
+        frames, tokens, has_frames = (t.to(device) for t in gather_content(store.content(), torch.from_numpy(store.slots(part))))
         keep = torch.tensor([float(mature_of[int(i)]) for i in part], device=device)
-        vec = dense.item_vector(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], t["frames"], t["tokens"], t["has_frames"], keep)
+        vec = dense.item_vector(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames, keep)
         item_out.update(zip(part.tolist(), vec.float().cpu().numpy()))
     user_out: dict[int, np.ndarray] = {}
     for part in _chunks(user_ids, rank, world, 4 * chunk):
@@ -68,7 +70,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
         user_out.update(zip(part.tolist(), vec.float().cpu().numpy()))
     if world > 1:
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (item_out, user_out))
+        dist.all_gather_object(gathered, (item_out, user_out), group=group)
         for items_part, users_part in gathered:
             item_out.update(items_part)
             user_out.update(users_part)
