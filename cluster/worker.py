@@ -128,7 +128,8 @@ class Worker:
         for user in self.waiting.pop(content.item_id, []):
             self.fresh.append((user, content.item_id))
 
-    def _ingest(self) -> None:
+    def _ingest(self, timeout_ms: int | None = None) -> None:
+        """Reads what arrived; waits up to `timeout_ms` (the consumer's poll timeout by default)."""
         for ann in self.feed.poll():
             content = self.shards.fetch(ann.item_id, ann.shard_url)
             if content is None:
@@ -137,7 +138,7 @@ class Worker:
                 self.unclustered.append(content)
             else:
                 self._add_content(content)
-        for ev in self.stream.poll():
+        for ev in self.stream.poll(timeout_ms):
             self.counts[ev.item_id] += 1
             self.users.add(ev.user_id)
             if not ev.positive:
@@ -184,9 +185,10 @@ class Worker:
 
     def _build(self):
         """One round of the input thread: ingest what arrived, and build a batch once there are
-        enough positives (fresh first, topped up from the replay window)."""
-        self._ingest()
+        enough positives (fresh first, topped up from the replay window). It waits on Kafka only
+        when it has nothing to build a batch from: a blocking poll here once paced the loop."""
         b = self.cfg.optim.batch_size
+        self._ingest(0 if len(self.fresh) + self.replay.size >= b else None)
         if len(self.fresh) + self.replay.size < b:
             return None
         take, self.fresh = self.fresh[:b], self.fresh[b:]
