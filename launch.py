@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = COMMANDS[args.command](cfg, args)
+    except ConfigError as exc:  # an impossible setup found after start (topic, GPUs): named, exit 2
+        print(exc.message, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cluster.config import Config, ConfigError
 from cluster.devices import backend, want_gpu
 from cluster.worker import train_loop_per_worker
+from streaming.topics import partition_count
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +53,24 @@ def start_ray(cfg: Config) -> None:
     )
 
 
+def check_partitions(cfg: Config, bootstrap: str) -> None:
+    """Stops at start, with exit status 2, when the topic and the config disagree or some worker
+    would own no partition: a rank without one never becomes ready, and nobody would train."""
+    topic = cfg.kafka.interactions_topic
+    actual = partition_count(bootstrap, topic)
+    if actual is None:
+        raise ConfigError(f"config error: topic {topic!r} does not exist on {bootstrap}")
+    if actual != cfg.kafka.interaction_partitions:
+        raise ConfigError(f"config error: kafka.interaction_partitions={cfg.kafka.interaction_partitions}, but topic {topic!r} "
+                          f"has {actual} partitions; reading fewer would drop data")
+    if cfg.train.workers > actual:
+        raise ConfigError(f"config error: train.workers={cfg.train.workers} exceeds the {actual} partitions of {topic!r}; "
+                          f"each worker must own at least one (use --workers {actual})")
+
+
 def run_training(cfg: Config, bootstrap: str) -> dict:
     """Trains until the configured budget; returns the final metrics of rank 0."""
+    check_partitions(cfg, bootstrap)
     start_ray(cfg)
     gpu = want_gpu(cfg.train.use_gpu)
     if gpu:

@@ -229,6 +229,8 @@ class Worker:
             self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}}}
         if self.rank == 0:
             pub = self.publisher.publish(items, item_vecs, users, user_vecs, info)
+            if pub is None:
+                return {}
             log.info("published index v%d: %d items (%d mature), %d users, step %d", pub.version, len(items), info["mature_items"], len(users), self.step)
             return {"version": pub.version}
         return {}

@@ -4,12 +4,15 @@ A version is a directory `v000007/` holding the index (ids are item ids), the us
 vectors the serving side scores with, and `manifest.json` (version, step, wall time,
 Kafka offsets, sha256 of every file). It is written under a temporary name and
 renamed into place, then `LATEST` is replaced atomically: a reader sees a whole
-version or none. Only the newest `keep` versions stay on disk.
+version or none. Only the newest `keep` versions stay on disk. A temporary directory
+left by a crash is removed by the next publish. Versions never go backwards: weights
+older (by training step) than the latest version are not published.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+log = logging.getLogger(__name__)
 INDEX_FILE, ITEMS_FILE, USERS_FILE, MANIFEST, LATEST = "items.faiss", "item_ids.npy", "users.npz", "manifest.json", "LATEST"
 
 
@@ -61,10 +65,26 @@ class IndexPublisher:
         dirs = version_dirs(self.root)
         return int(dirs[-1].name[1:]) + 1 if dirs else 1
 
-    def publish(self, item_ids: np.ndarray, item_vecs: np.ndarray, user_ids: np.ndarray, user_vecs: np.ndarray, info: dict) -> Published:
+    def latest_step(self) -> int | None:
+        dirs = version_dirs(self.root)
+        if not dirs:
+            return None
+        try:
+            return json.loads((dirs[-1] / MANIFEST).read_text()).get("step")
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def publish(self, item_ids: np.ndarray, item_vecs: np.ndarray, user_ids: np.ndarray, user_vecs: np.ndarray,
+                info: dict) -> Published | None:
+        """Writes the next version; None (and a logged reason) when `info["step"]` is older than the latest's."""
+        last = self.latest_step()
+        if last is not None and info.get("step", last) < last:
+            log.warning("not publishing step %s: version %s already holds step %s", info.get("step"), self.next_version() - 1, last)
+            return None
+        for stale in self.root.glob(".tmp-v*"):  # a crash mid-publish left it; only one publisher writes here
+            shutil.rmtree(stale, ignore_errors=True)
         version = self.next_version()
         tmp = self.root / f".tmp-v{version:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         faiss.write_index(build_index(item_vecs, item_ids, self.factory), str(tmp / INDEX_FILE))
         np.save(tmp / ITEMS_FILE, item_ids.astype(np.int64))

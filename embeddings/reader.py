@@ -64,6 +64,10 @@ class IndexReader:
             return False
         if self._current and manifest["version"] <= self._current.version:
             return False
+        if self._current and manifest.get("step", 0) < self._current.manifest.get("step", 0):
+            log.warning("version %s holds step %s, older than the served step %s; refused",
+                        name, manifest.get("step"), self._current.manifest.get("step"))
+            return False
         for f, digest in manifest["checksums"].items():
             if sha256(path / f) != digest:
                 log.warning("version %s: checksum mismatch on %s; keeping %s", name, f, self.version)

@@ -31,6 +31,11 @@ def owned_partitions(n_partitions: int, rank: int, world_size: int) -> list[int]
     return [p for p in range(n_partitions) if p % world_size == rank]
 
 
+def _reason(exc: Exception) -> str:
+    """A validation failure says what is wrong; anything else is named by its type as well."""
+    return str(exc) if isinstance(exc, MalformedMessage) else f"undecodable ({type(exc).__name__}): {exc}"[:500]
+
+
 @dataclass
 class ConsumerStats:
     consumed: int = 0
@@ -106,9 +111,9 @@ class InteractionStream:
                 self.stats.consumed += 1
                 try:
                     out.append(decode_interaction(rec.value, self.max_users, self.max_items))
-                except MalformedMessage as exc:
+                except Exception as exc:  # noqa: BLE001 - no record may crash the consumer: all go to the DLQ
                     self.stats.malformed += 1
-                    self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, str(exc))
+                    self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))
         return out
 
     def positions(self) -> dict[int, int]:
@@ -149,9 +154,9 @@ class ItemFeed:
                 self.stats.consumed += 1
                 try:
                     out.append(decode_announcement(rec.value, self.max_items))
-                except MalformedMessage as exc:
+                except Exception as exc:  # noqa: BLE001 - as above
                     self.stats.malformed += 1
-                    self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, str(exc))
+                    self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))
         return out
 
     def close(self) -> None:

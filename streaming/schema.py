@@ -8,8 +8,14 @@ forwards it to the dead-letter topic instead of raising.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
+# A record's size and nesting are capped before and after parsing: a 100 kB run of "[" once
+# escaped as a RecursionError and killed the worker on every retry. Both streams carry flat,
+# small objects, so these bounds are far above anything valid.
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_DEPTH = 8
 EVENT_TYPES: tuple[str, ...] = ("click", "play", "skip", "like")
 POSITIVE_EVENTS: frozenset[str] = frozenset({"click", "play", "like"})
 
@@ -57,20 +63,38 @@ def _int_field(obj: dict, name: str, upper: int) -> int:
 
 def _float_field(obj: dict, name: str) -> float:
     value = obj.get(name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        raise MalformedMessage(f"field {name!r} must be a number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise MalformedMessage(f"field {name!r} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _no_constant(name: str):
+    raise MalformedMessage(f"not JSON: non-finite constant {name}")
+
+
+def _depth(value, limit: int) -> int:
+    """Nesting depth of a parsed value, stopping once past `limit`."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in children), default=0)
 
 
 def _json_object(raw: bytes | None) -> dict:
     if raw is None:
         raise MalformedMessage("empty message")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise MalformedMessage(f"oversize: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedMessage(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedMessage(f"nested deeper than the parser allows (limit {MAX_DEPTH})") from None
     if not isinstance(obj, dict):
         raise MalformedMessage(f"expected a JSON object, got {type(obj).__name__}")
+    if _depth(obj, MAX_DEPTH) > MAX_DEPTH:
+        raise MalformedMessage(f"nested deeper than {MAX_DEPTH} levels")
     return obj
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -40,3 +40,13 @@ def ensure_topics(cfg: KafkaConfig, bootstrap: str, timeout_s: float = 30.0) -> 
             log.info("created topics %s", [t.name for t in missing])
     finally:
         admin.close()
+
+
+def partition_count(bootstrap: str, topic: str, timeout_s: float = 30.0) -> int | None:
+    """The topic's real number of partitions, from the broker's metadata; None if it does not exist."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="coldstream-metadata", request_timeout_ms=int(timeout_s * 1000))
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        return len(parts) if parts else None
+    finally:
+        consumer.close()

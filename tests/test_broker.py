@@ -35,7 +35,8 @@ def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
     prod = EventProducer(kafka_cfg, broker.bootstrap)
     for i in range(400):
         prod.interaction(Interaction(i % 40, i % 17, "play", float(i)))
-    bad = [b"{oops", json.dumps({"user_id": 1, "item_id": 999, "event": "play", "ts": 1}).encode()]
+    bad = [b"{oops", json.dumps({"user_id": 1, "item_id": 999, "event": "play", "ts": 1}).encode(),
+           b"[" * 100_000, b"[" * 5_000, b'{"user_id": 1, "item_id": 3, "event": "play", "ts": Infinity}']  # poison
     for b in bad:
         prod.raw_interaction(1, b)
     prod.flush()
@@ -46,7 +47,7 @@ def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
     got = [g + s.poll(500) for g, s in zip(got, streams)]
     assert sum(map(len, got)) == 400
     assert not {e.user_id for e in got[0]} & {e.user_id for e in got[1]}  # keyed by user: disjoint owners
-    assert sum(s.stats.malformed for s in streams) == 2
+    assert sum(s.stats.malformed for s in streams) == len(bad)
     positions = [s.positions() for s in streams]
     for s in streams:
         s.close()
@@ -57,6 +58,8 @@ def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
     dlq.close()
     assert sorted(base64.b64decode(r["value_b64"]) for r in records) == sorted(bad)
     assert any("outside" in r["reason"] for r in records) and any("JSON" in r["reason"] for r in records)
+    assert any("oversize" in r["reason"] for r in records) and any("nested" in r["reason"] for r in records)
+    assert any("non-finite" in r["reason"] for r in records)
 
     # a resumed consumer seeks to the saved offsets: it sees only what came after
     prod.interaction(Interaction(2, 3, "like", 0.0))

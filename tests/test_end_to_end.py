@@ -110,3 +110,14 @@ def test_eval_protocol_on_a_movielens_slice(tmp_path):
     assert out["run"]["rows_skipped"] == 1 and out["run"]["train_steps"] > 0
     assert out["warm"]["auc"] > 0.6  # trained on warm items: far above chance
     assert (tmp_path / "ev" / "eval.md").exists() and (tmp_path / "ev" / "eval.png").exists()
+
+
+def test_impossible_partition_setups_stop_at_start(tmp_path, broker):
+    """A config that disagrees with the topic, or a worker that would own no partition: exit 2, named."""
+    ensure_topics(KafkaConfig(), broker.bootstrap)  # interactions has 4 partitions
+    for extra, message in ((["--set", "kafka.interaction_partitions=1"], "has 4 partitions"),
+                           (["--workers", "5"], "train.workers=5 exceeds the 4 partitions")):
+        proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", "--bootstrap-servers", broker.bootstrap,
+                               "--runs-dir", str(tmp_path), "--no-gpu", *extra], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr

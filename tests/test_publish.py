@@ -41,3 +41,22 @@ def test_corrupted_version_is_refused(tmp_path):
     with open(second.path / INDEX_FILE, "ab") as f:
         f.write(b"x")
     assert not reader.refresh() and reader.version == 1
+
+
+def test_crash_leftovers_are_cleaned_and_versions_never_go_backwards(tmp_path):
+    pub, reader = IndexPublisher(tmp_path), IndexReader(tmp_path)
+    (tmp_path / ".tmp-v000001-999").mkdir()  # a publish that crashed before its rename
+    (tmp_path / ".tmp-v000001-999" / INDEX_FILE).write_bytes(b"half")
+    pub.publish(np.arange(5), _vecs(5), np.array([0]), _vecs(1), {"step": 86})
+    assert not list(tmp_path.glob(".tmp*")) and reader.refresh()
+    # a restart restored older weights: the publisher refuses them ...
+    assert pub.publish(np.arange(5), _vecs(5, seed=1), np.array([0]), _vecs(1), {"step": 85}) is None
+    assert [p.name for p in sorted(tmp_path.glob("v*"))] == ["v000001"]
+    # ... and a reader refuses a newer version number that holds an older step
+    other = IndexPublisher(tmp_path / "elsewhere")
+    older = other.publish(np.arange(5), _vecs(5, seed=2), np.array([0]), _vecs(1), {"step": 80})
+    older.path.rename(tmp_path / "v000002")
+    (tmp_path / "LATEST").write_text("v000002")
+    assert not reader.refresh() and reader.version == 1
+    assert pub.publish(np.arange(5), _vecs(5, seed=3), np.array([0]), _vecs(1), {"step": 90}).version == 3
+    assert reader.refresh() and reader.version == 3

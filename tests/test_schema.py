@@ -23,6 +23,15 @@ def test_valid_event_round_trips():
     (json.dumps({"user_id": True, "item_id": 3, "event": "play", "ts": 0}).encode(), "integer"),
     (json.dumps({"user_id": 1, "item_id": 3, "event": "buy", "ts": 0}).encode(), "event"),
     (json.dumps({"user_id": 1, "item_id": 3, "event": "play", "ts": "noon"}).encode(), "ts"),
+    # poison: none of these may escape as anything but MalformedMessage
+    (b"[" * 100_000, "oversize"),
+    (b"[" * 5_000, "nested"),
+    (b'{"user_id": 1, "item_id": 3, "event": "play", "ts": 0, "x": ' + b"[" * 20 + b"]" * 20 + b"}", "nested deeper than 8"),
+    (b'{"user_id": 1, "item_id": 3, "event": "play", "ts": Infinity}', "non-finite"),
+    (b'{"user_id": 1, "item_id": 3, "event": "play", "ts": NaN}', "non-finite"),
+    (b'{"user_id": 1, "item_id": 3, "event": "play", "ts": 1e999}', "finite"),
+    (b'{"user_id": 1, "item_id": 3, "event": "pl\xff", "ts": 0}', "not JSON"),
+    (b'{"user_id": 1, "item_id": 3.5, "event": "play", "ts": 0}', "integer"),
 ])
 def test_malformed_events_name_the_problem(raw, reason):
     with pytest.raises(MalformedMessage, match=reason):
