@@ -33,6 +33,9 @@ class Prefetcher:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self._stream is not None:  # what the loop wrote before (store, fitted content) comes first
+            self._stream.wait_stream(torch.cuda.current_stream(device))
+        self._pause_wanted = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coldstream-input", daemon=True)
         self._thread.start()
 
@@ -42,6 +45,8 @@ class Prefetcher:
                 torch.cuda.set_device(self.device)
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                 while not self._stop.is_set():
+                    while self._pause_wanted.is_set() and not self._stop.is_set():
+                        time.sleep(0.001)  # the lock is not fair: let the loop in
                     with self.lock:
                         batch = self.build()
                     if batch is None:
@@ -64,10 +69,14 @@ class Prefetcher:
     def paused(self):
         """Holds the input thread between builds, with everything it wrote to the device visible
         to the current stream: for reading the state it shares with the loop (store, consumers)."""
-        with self.lock:
-            if self._stream is not None:
-                torch.cuda.current_stream(self.device).wait_stream(self._stream)
-            yield
+        self._pause_wanted.set()
+        try:
+            with self.lock:
+                if self._stream is not None:
+                    torch.cuda.current_stream(self.device).wait_stream(self._stream)
+                yield
+        finally:
+            self._pause_wanted.clear()
 
     def get(self, timeout_s: float) -> Batch | None:
         """The next batch, ready for the step on the current stream; None if none came in time."""
@@ -84,9 +93,17 @@ class Prefetcher:
         return batch
 
     def close(self) -> list[Batch]:
-        """Stops the thread and returns the batches it had built but nobody took."""
+        """Stops the thread and returns the batches it had built but nobody took. Raises what
+        the thread failed with: a final checkpoint must not save offsets past lost events."""
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
+        if self._thread.is_alive():  # stuck in a build: keep it out of what the loop does next
+            self.lock.acquire()
+            log.error("input thread did not stop within 60 s; holding it paused")
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        if self._error is not None:
+            raise RuntimeError("the input thread failed") from self._error
         left = []
         while True:
             try:

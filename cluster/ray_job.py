@@ -59,7 +59,7 @@ def check_partitions(cfg: Config, bootstrap: str) -> None:
     topic = cfg.kafka.interactions_topic
     actual = partition_count(bootstrap, topic)
     if actual is None:
-        raise ConfigError(f"config error: topic {topic!r} does not exist on {bootstrap}")
+        raise ConfigError(f"config error: no metadata for topic {topic!r} on {bootstrap} (missing, or the broker did not answer)")
     if actual != cfg.kafka.interaction_partitions:
         raise ConfigError(f"config error: kafka.interaction_partitions={cfg.kafka.interaction_partitions}, but topic {topic!r} "
                           f"has {actual} partitions; reading fewer would drop data")

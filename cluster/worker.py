@@ -27,7 +27,7 @@ from cluster.pipeline import Prefetcher, StepClock
 from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
 from embeddings.publish import IndexPublisher
 from embeddings.tables import shard_sparse_arch
-from streaming.consumer import InteractionStream, ItemFeed, owned_partitions
+from streaming.consumer import ConsumerStats, InteractionStream, ItemFeed, owned_partitions
 from streaming.shards import ShardCache
 from trainer.batch import ContentStore, make_batch
 from trainer.model import DenseArch
@@ -103,12 +103,14 @@ class Worker:
         self.built = 0
         self.replay = ReplayWindow(o.replay_window)
         offsets: dict[int, int] = {}
+        self._restored_stats: dict = {}  # counters carried over from the checkpoint, if any
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
                 offsets = self._restore(Path(d))
         parts = owned_partitions(cfg.kafka.interaction_partitions, self.rank, self.world)
         self.stream = InteractionStream(cfg.kafka, bootstrap, parts, m.max_users, m.max_items, offsets, f"coldstream-w{self.rank}")
+        self.stream.stats = ConsumerStats(**self._restored_stats)
         self.feed = ItemFeed(cfg.kafka, bootstrap, m.max_items, f"coldstream-items-w{self.rank}")
         self.shards = ShardCache(m.frames, m.frame_size)
         self.store = ContentStore(m, self.device)
@@ -238,18 +240,28 @@ class Worker:
     def checkpoint(self, metrics: dict) -> None:
         """Sparse shards (torch.distributed.checkpoint), dense engine (DeepSpeed) and Kafka
         offsets, written per rank and merged by Ray into one checkpoint directory."""
+        self.stream.flush()  # dead letters reach Kafka before the offsets that skip their records are saved
+        self.feed.flush()
         with tempfile.TemporaryDirectory(prefix="coldstream-ckpt-") as d:
             d = Path(d)
             dcp.save({"model": self.sparse.state_dict(), "optim": self.sparse.fused_optimizer.state_dict()},
                      storage_writer=dcp.FileSystemWriter(str(d / "sparse")))
             self.engine.save_checkpoint(str(d / "dense"), tag=DS_TAG)
-            np.savez(d / f"counts-rank{self.rank}.npz", events=self.counts, item_positives=self.item_positives, user_positives=self.user_positives)
-            # consumed but not yet trained on: saved with the offsets, so a restart loses no event
+            # Consumed but not yet trained on: saved with the offsets, so a restart loses no event.
+            # Pairs in built batches were already counted and put in the replay window (its newest
+            # entries); they are saved as fresh instead, so a restore counts them once.
+            built = self._untrained()[: sum(len(p) for p in self.inflight.values())]
+            item_pos, user_pos = self.item_positives.copy(), self.user_positives.copy()
+            np.subtract.at(item_pos, built[:, 1], 1)
+            np.subtract.at(user_pos, built[:, 0], 1)
+            replay = self.replay.ordered()
+            np.savez(d / f"counts-rank{self.rank}.npz", events=self.counts, item_positives=item_pos, user_positives=user_pos)
             waiting = [(u, i) for i, us in self.waiting.items() for u in us]
-            np.savez(d / f"buffers-rank{self.rank}.npz", replay=self.replay.ordered(),
+            np.savez(d / f"buffers-rank{self.rank}.npz", replay=replay[: max(len(replay) - len(built), 0)],
                      fresh=self._untrained(), waiting=np.array(waiting, np.int64).reshape(-1, 2))
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
-                "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step}))
+                "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step,
+                "stats": {"consumed": self.stream.stats.consumed, "malformed": self.stream.stats.malformed}}))
             if self.rank == 0:
                 np.savez(d / "clusters.npz", frame=self.clusters[0].centroids, text=self.clusters[1].centroids)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
@@ -270,6 +282,7 @@ class Worker:
             self.waiting[i].append(u)
         self.users = set(mine["users"])
         self.step = mine["step"]
+        self._restored_stats = mine.get("stats", {})
         c = np.load(d / "clusters.npz")
         self.clusters = (ClusterModel(c["frame"]), ClusterModel(c["text"]))
         log.info("restored checkpoint at step %d, offsets %s", self.step, mine["offsets"])
@@ -279,15 +292,17 @@ class Worker:
     def _status(self, clock: StepClock, loop_s: float, steps: int, version: int | None) -> None:
         with self.input.paused():  # the consumer is not thread-safe; the input thread polls it
             consumed, lag, malformed, items = self.stream.stats.consumed, self.stream.lag(), self.stream.stats.malformed, len(self.store)
+            lost = self.stream.stats.data_loss_incidents + self.feed.stats.data_loss_incidents
         examples = steps * self.cfg.optim.batch_size * self.world
         loop_rate, step_rate = examples / max(loop_s, 1e-9), examples / max(clock.seconds(), 1e-9)
         loss = float(torch.stack(list(self.losses)).float().mean())
         print(f"[coldstream] step {self.step} loss {loss:.3f} | {steps / max(loop_s, 1e-9):.1f} steps/s {loop_rate:.0f} ex/s "
-              f"(in steps {step_rate:.0f}) | w0 consumed {consumed} lag {lag} dead-letter {malformed} | items {items} | index v{version}",
+              f"(in steps {step_rate:.0f}) | w0 consumed {consumed} lag {lag} dead-letter {malformed}"
+              f"{f' BROKER-LOST-LOG x{lost}' if lost else ''} | items {items} | index v{version}",
               flush=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"t": time.time(), "step": self.step, "loss": loss, "examples_per_s": loop_rate,
-                                "step_examples_per_s": step_rate}) + "\n")
+                                "step_examples_per_s": step_rate, "broker_data_loss_incidents": lost}) + "\n")
 
     def run(self) -> None:
         """Agree, step, publish, checkpoint; input arrives from the Prefetcher's thread.

@@ -1,6 +1,8 @@
 """Typed settings of the streaming layer (a section of the one run configuration)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -18,6 +20,9 @@ class KafkaConfig(Strict):
     interaction_partitions: int = Field(4, ge=1)
     poll_timeout_ms: int = Field(200, ge=1)
     max_poll_records: int = Field(2000, ge=1)
+    on_data_loss: Literal["fail", "rewind"] = Field(
+        "fail", description="a consumer position past the broker's high-water mark means the broker lost records "
+                            "(restarted without its log): fail stops the job, rewind re-reads what the broker has")
 
 
 class WorldConfig(Strict):

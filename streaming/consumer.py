@@ -8,6 +8,7 @@ offset saved next to the model weights, so weights and data position always matc
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streaming.config import KafkaConfig
 from streaming.schema import (
+    MAX_MESSAGE_BYTES,
     Interaction,
     ItemAnnouncement,
     MalformedMessage,
@@ -40,6 +42,32 @@ def _reason(exc: Exception) -> str:
 class ConsumerStats:
     consumed: int = 0
     malformed: int = 0
+    data_loss_incidents: int = 0
+
+
+class BrokerDataLoss(RuntimeError):
+    """The broker no longer has records this consumer had read past: it lost its log."""
+
+
+def _check_positions(consumer: KafkaConsumer, tps: list[TopicPartition], policy: str, stats: ConsumerStats) -> None:
+    """A position beyond the high-water mark cannot happen while the broker keeps its log
+    (a consumer never reads past it). Fetches then return nothing and lag reads 0, so
+    without this check a restarted in-memory broker stops consumption silently."""
+    lost = []
+    for tp in tps:
+        hw = consumer.highwater(tp)
+        pos = consumer.position(tp, timeout_ms=1000) if hw is not None else None  # None: not resolved yet
+        if pos is not None and pos > hw:
+            lost.append((tp, pos, hw))
+    if not lost:
+        return
+    stats.data_loss_incidents += 1
+    where = ", ".join(f"{tp.topic}[{tp.partition}] position {pos} > high-water mark {hw}" for tp, pos, hw in lost)
+    if policy == "fail":
+        raise BrokerDataLoss(f"the broker lost records ({where}); it restarted without its log? "
+                             f"Stopping (kafka.on_data_loss=rewind would re-read what it has instead)")
+    log.error("the broker lost records (%s); rewinding those partitions to their beginning (kafka.on_data_loss=rewind)", where)
+    consumer.seek_to_beginning(*(tp for tp, _, _ in lost))
 
 
 class DeadLetters:
@@ -48,16 +76,30 @@ class DeadLetters:
     def __init__(self, cfg: KafkaConfig, bootstrap: str):
         self.topic = cfg.dead_letter_topic
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="coldstream-dlq")
+        self.send_failures = 0
 
     def send(self, source_topic: str, partition: int, offset: int, raw: bytes | None, reason: str) -> None:
+        """The original bytes go along, cut to MAX_MESSAGE_BYTES (with the full length and sha256):
+        a near-1 MB poison value, base64-encoded, would exceed the producer's request size and
+        raise here, inside the consumer's error path."""
+        raw = raw or b""
         record = {
             "topic": source_topic,
             "partition": partition,
             "offset": offset,
             "reason": reason,
-            "value_b64": base64.b64encode(raw or b"").decode(),
+            "value_b64": base64.b64encode(raw[:MAX_MESSAGE_BYTES]).decode(),
+            "value_bytes": len(raw),
+            "value_sha256": hashlib.sha256(raw).hexdigest(),
         }
-        self._producer.send(self.topic, value=json.dumps(record).encode())
+        try:
+            self._producer.send(self.topic, value=json.dumps(record).encode())
+        except Exception:  # noqa: BLE001 - the record is still counted; say loudly that its copy is missing
+            self.send_failures += 1
+            log.exception("dead letter for %s[%d]@%d could not be sent", source_topic, partition, offset)
+
+    def flush(self) -> None:
+        self._producer.flush()
 
     def close(self) -> None:
         self._producer.flush()
@@ -114,11 +156,16 @@ class InteractionStream:
                 except Exception as exc:  # noqa: BLE001 - no record may crash the consumer: all go to the DLQ
                     self.stats.malformed += 1
                     self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))
+        _check_positions(self._consumer, self._tps, self.cfg.on_data_loss, self.stats)
         return out
 
     def positions(self) -> dict[int, int]:
         """Next offset to read per owned partition: what a checkpoint must store."""
         return {tp.partition: self._consumer.position(tp) for tp in self._tps}
+
+    def flush(self) -> None:
+        """Blocks until every dead letter sent so far is acknowledged by the broker."""
+        self._dead.flush()
 
     def lag(self) -> int:
         """Messages behind the high-water mark (Tansu's end_offsets is unreliable; highwater is not)."""
@@ -143,7 +190,8 @@ class ItemFeed:
         self.stats = ConsumerStats()
         self._consumer = _consumer(bootstrap, client_id, cfg.max_poll_records)
         parts = self._consumer.partitions_for_topic(cfg.items_topic) or {0}
-        self._consumer.assign([TopicPartition(cfg.items_topic, p) for p in sorted(parts)])
+        self._tps = [TopicPartition(cfg.items_topic, p) for p in sorted(parts)]
+        self._consumer.assign(self._tps)
         self._consumer.seek_to_beginning()
         self._dead = DeadLetters(cfg, bootstrap)
 
@@ -157,7 +205,11 @@ class ItemFeed:
                 except Exception as exc:  # noqa: BLE001 - as above
                     self.stats.malformed += 1
                     self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))
+        _check_positions(self._consumer, self._tps, self.cfg.on_data_loss, self.stats)
         return out
+
+    def flush(self) -> None:
+        self._dead.flush()
 
     def close(self) -> None:
         self._dead.close()

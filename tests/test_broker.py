@@ -13,7 +13,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from streaming.consumer import InteractionStream, owned_partitions
 from streaming.producer import EventProducer
-from streaming.schema import Interaction
+from streaming.schema import MAX_MESSAGE_BYTES, Interaction
 from streaming.topics import ensure_topics
 from tests.conftest import ROOT
 
@@ -36,7 +36,7 @@ def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
     for i in range(400):
         prod.interaction(Interaction(i % 40, i % 17, "play", float(i)))
     bad = [b"{oops", json.dumps({"user_id": 1, "item_id": 999, "event": "play", "ts": 1}).encode(),
-           b"[" * 100_000, b"[" * 5_000, b'{"user_id": 1, "item_id": 3, "event": "play", "ts": Infinity}']  # poison
+           b"[" * 900_000, b"[" * 5_000, b'{"user_id": 1, "item_id": 3, "event": "play", "ts": Infinity}']  # poison
     for b in bad:
         prod.raw_interaction(1, b)
     prod.flush()
@@ -56,7 +56,9 @@ def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
     dlq.assign([TopicPartition(kafka_cfg.dead_letter_topic, 0)])
     records = [json.loads(r.value) for r in dlq]
     dlq.close()
-    assert sorted(base64.b64decode(r["value_b64"]) for r in records) == sorted(bad)
+    # the copies are whole up to the size cap; a larger one keeps its head, length and hash
+    assert sorted(base64.b64decode(r["value_b64"]) for r in records) == sorted(b[:MAX_MESSAGE_BYTES] for b in bad)
+    assert sorted(r["value_bytes"] for r in records) == sorted(map(len, bad))
     assert any("outside" in r["reason"] for r in records) and any("JSON" in r["reason"] for r in records)
     assert any("oversize" in r["reason"] for r in records) and any("nested" in r["reason"] for r in records)
     assert any("non-finite" in r["reason"] for r in records)
@@ -92,3 +94,36 @@ def test_broker_dies_with_its_parent(tmp_path):
             return
         time.sleep(0.1)
     pytest.fail("broker outlived its parent")
+
+
+def test_a_broker_that_lost_its_log_is_detected(kafka_cfg):
+    """Tansu restarted on the same port without its log: positions lie past the new high-water
+    marks, fetches return nothing and lag reads 0. The consumer must say so, not go quiet."""
+    from cluster.broker import LocalBroker, free_port
+    from streaming.consumer import BrokerDataLoss
+
+    port = free_port()
+    with LocalBroker(port=port) as first:
+        ensure_topics(kafka_cfg, first.bootstrap)
+        prod = EventProducer(kafka_cfg, first.bootstrap)
+        for i in range(200):
+            prod.interaction(Interaction(i % 40, i % 17, "play", float(i)))
+        prod.close()
+        streams = {policy: InteractionStream(kafka_cfg.model_copy(update={"on_data_loss": policy}), first.bootstrap, [0, 1, 2, 3], 100, 100)
+                   for policy in ("fail", "rewind")}
+        for s in streams.values():
+            assert len(_drain(s, 200)) == 200
+    with LocalBroker(port=port) as second:  # same address, empty log
+        ensure_topics(kafka_cfg, second.bootstrap)
+        prod = EventProducer(kafka_cfg, second.bootstrap)
+        for i in range(20):
+            prod.interaction(Interaction(i % 40, i % 17, "like", float(i)))
+        prod.close()
+        with pytest.raises(BrokerDataLoss, match="high-water mark"):
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                streams["fail"].poll(200)
+        rewound = _drain(streams["rewind"], 20, timeout=30)
+        assert len(rewound) == 20 and streams["rewind"].stats.data_loss_incidents >= 1
+        for s in streams.values():
+            s.close()

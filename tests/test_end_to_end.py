@@ -79,9 +79,8 @@ def test_train_resumes_from_checkpoint_and_offsets(tmp_path, broker):
     prod.close()
     second = launch(*common, "--set", "train.max_steps=24")
     assert second["train_steps"] == 24 and second["steps_this_run"] == 12  # weights and step restored
-    # offsets restored: every event read exactly once across the two runs
-    assert first["events_consumed"] + second["events_consumed"] == prod.sent
-    assert second["events_consumed"] >= len(extra)
+    # offsets restored: every event read exactly once across the two runs; the counters carry over
+    assert second["events_consumed"] == prod.sent > first["events_consumed"] > 0
     index = IndexReader(tmp_path / "r" / "index")
     assert index.refresh() and index.current.manifest["step"] == 24
 

@@ -68,7 +68,8 @@ def test_prefetcher_surfaces_a_failed_build():
     with pytest.raises(RuntimeError, match="input thread failed") as exc:
         pf.get(0.1)
     assert isinstance(exc.value.__cause__, ValueError)
-    pf.close()
+    with pytest.raises(RuntimeError, match="input thread failed"):
+        pf.close()  # also at the end: a final checkpoint must not run past a lost build
 
 
 def test_step_clock_counts_only_the_step():

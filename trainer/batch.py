@@ -49,6 +49,8 @@ class ContentStore:
             old = getattr(self, name)
             grown = old.new_zeros((new, *old.shape[1:]))
             grown[:cap] = old
+            if old.is_cuda:  # the copy may run on a side stream: keep `old` alive until it has
+                old.record_stream(torch.cuda.current_stream(old.device))
             setattr(self, name, grown)
         for name in ("frame_cluster", "text_cluster"):
             setattr(self, name, np.resize(getattr(self, name), new))
