@@ -60,25 +60,15 @@ def _two_feature_kjt(users: np.ndarray, items: np.ndarray):
 
 
 def plain_torchrec(device: torch.device, sparse_lr: float):
-    """The baseline: the same two tables in a bare EmbeddingCollection, row-wise, fused RowWiseAdagrad."""
+    """The baseline: the same two tables in a bare EmbeddingCollection, sharded and optimised exactly
+    as the project's (row-wise, fused RowWiseAdagrad), without the project's extra tables and wrapper."""
     from torchrec import EmbeddingCollection, EmbeddingConfig
-    from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from embeddings.tables import shard_row_wise
 
     tables = [EmbeddingConfig(name=f"{f}s", embedding_dim=CFG.embedding_dim, num_embeddings=n, feature_names=[f])
               for f, n in (("user_id", CFG.max_users), ("item_id", CFG.max_items))]
-    ec = EmbeddingCollection(tables=tables, device=torch.device("meta"))
-    apply_optimizer_in_backward(RowWiseAdagrad, ec.parameters(), {"lr": sparse_lr})
-    topology = TopologyFactory.create_topology(TrainerConfig(world_size=dist.get_world_size()),
-                                               kernel_config=KernelConfig(compute_device=device.type))
-    constraints = {t.name: ParameterConstraints(sharding_types=["row_wise"]) for t in tables}
-    sharders = [EmbeddingCollectionSharder()]
-    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(ec, sharders, dist.GroupMember.WORLD)
-    return DistributedModelParallel(ec, device=device, plan=plan, sharders=sharders)
+    return shard_row_wise(EmbeddingCollection(tables=tables, device=torch.device("meta")), tables, device, sparse_lr)
 
 
 def _rank(rank: int, world: int, port: int, args, out) -> None:

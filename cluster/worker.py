@@ -200,7 +200,7 @@ class Worker:
         np.add.at(self.item_positives, fresh[:, 1], 1)
         pairs = fresh if len(fresh) == b else np.concatenate([fresh, self.replay.sample(self.rng, b - len(fresh))])
         batch = make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng,
-                           self.item_positives, self.user_positives, pairs=fresh)
+                           self.item_positives, self.user_positives)
         self.built += 1
         batch.seq = self.built
         self.inflight[batch.seq] = fresh
@@ -250,7 +250,8 @@ class Worker:
             # Consumed but not yet trained on: saved with the offsets, so a restart loses no event.
             # Pairs in built batches were already counted and put in the replay window (its newest
             # entries); they are saved as fresh instead, so a restore counts them once.
-            built = self._untrained()[: sum(len(p) for p in self.inflight.values())]
+            untrained = self._untrained()
+            built = untrained[: sum(len(p) for p in self.inflight.values())]
             item_pos, user_pos = self.item_positives.copy(), self.user_positives.copy()
             np.subtract.at(item_pos, built[:, 1], 1)
             np.subtract.at(user_pos, built[:, 0], 1)
@@ -258,7 +259,7 @@ class Worker:
             np.savez(d / f"counts-rank{self.rank}.npz", events=self.counts, item_positives=item_pos, user_positives=user_pos)
             waiting = [(u, i) for i, us in self.waiting.items() for u in us]
             np.savez(d / f"buffers-rank{self.rank}.npz", replay=replay[: max(len(replay) - len(built), 0)],
-                     fresh=self._untrained(), waiting=np.array(waiting, np.int64).reshape(-1, 2))
+                     fresh=untrained, waiting=np.array(waiting, np.int64).reshape(-1, 2))
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
                 "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step,
                 "stats": {"consumed": self.stream.stats.consumed, "malformed": self.stream.stats.malformed}}))

@@ -34,13 +34,20 @@ def table_configs(cfg: ModelConfig) -> list[EmbeddingConfig]:
     ]
 
 
-def shard_sparse_arch(cfg: ModelConfig, device: torch.device, sparse_lr: float) -> DistributedModelParallel:
-    """Builds the ID tables on the meta device and lets DMP materialise only this rank's shards."""
-    sparse = SparseArch(table_configs(cfg), device="meta")
-    apply_optimizer_in_backward(RowWiseAdagrad, [t.weight for t in sparse.ec.embeddings.values()], {"lr": sparse_lr})
-    world = dist.get_world_size()
-    constraints = {t.name: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]) for t in table_configs(cfg)}
-    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world), kernel_config=KernelConfig(compute_device=device.type))
+def shard_row_wise(module: torch.nn.Module, tables: list[EmbeddingConfig], device: torch.device,
+                   sparse_lr: float) -> DistributedModelParallel:
+    """Shards a meta-device module holding an EmbeddingCollection of `tables`: every table row-wise,
+    one fused RowWiseAdagrad in backward; DMP materialises only this rank's shards."""
+    apply_optimizer_in_backward(RowWiseAdagrad, list(module.parameters()), {"lr": sparse_lr})
+    constraints = {t.name: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]) for t in tables}
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=dist.get_world_size()),
+                                               kernel_config=KernelConfig(compute_device=device.type))
     sharders = [EmbeddingCollectionSharder()]
-    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(sparse, sharders, dist.GroupMember.WORLD)
-    return DistributedModelParallel(sparse, device=device, plan=plan, sharders=sharders)
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(module, sharders, dist.GroupMember.WORLD)
+    return DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
+
+
+def shard_sparse_arch(cfg: ModelConfig, device: torch.device, sparse_lr: float) -> DistributedModelParallel:
+    """The project's ID tables (users, items, cluster IDs), sharded by `shard_row_wise`."""
+    tables = table_configs(cfg)
+    return shard_row_wise(SparseArch(tables, device="meta"), tables, device, sparse_lr)

@@ -94,28 +94,24 @@ class Batch:
     item_log_q: torch.Tensor  # [B] log share of positives that went to this example's item
     user_log_q: torch.Tensor  # [B] ... and to this example's user
     content: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the store's tensors when the batch was built
-    pairs: np.ndarray | None = None  # [B', 2] the fresh (not replayed) pairs in it: untrained until its step runs
     seq: int = -1  # numbered by whoever builds batches, to track which are not yet trained
 
+    # what travels host -> device with the batch (the content is on the device already)
+    MOVED = ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q")
+
+    def _map(self, fn) -> "Batch":
+        return Batch(**{f.name: fn(getattr(self, f.name)) if f.name in self.MOVED else getattr(self, f.name) for f in fields(self)})
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q"):
-            moved[name] = moved[name].to(device, non_blocking=non_blocking)
-        return Batch(**moved)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q"):
-            moved[name] = moved[name].pin_memory()
-        return Batch(**moved)
+        return self._map(lambda t: t.pin_memory())
 
     def record_stream(self, stream) -> None:
         """Tells the CUDA caching allocator that `stream` uses these tensors (they were copied on another)."""
-        for name in ("user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q"):
-            getattr(self, name).record_stream(stream)
-        for t in self.content:
+        for t in (*(getattr(self, name) for name in self.MOVED), *self.content):
             t.record_stream(stream)
-        self.kjt.record_stream(stream)
 
 
 def _kjt(stride: int, users: np.ndarray, items: np.ndarray, fc: np.ndarray, tc: np.ndarray) -> KeyedJaggedTensor:
@@ -140,7 +136,7 @@ def log_share(counts: np.ndarray, ids: np.ndarray, total: int | None = None) -> 
 
 
 def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_keep_prob: float, rng: np.random.Generator,
-               item_positives: np.ndarray, user_positives: np.ndarray, pairs: np.ndarray | None = None) -> Batch:
+               item_positives: np.ndarray, user_positives: np.ndarray) -> Batch:
     """item_positives / user_positives: positives seen so far per item / user (for the logQ correction)."""
     uniq, index = np.unique(items, return_inverse=True)
     slots = store.slots(uniq)
@@ -155,7 +151,6 @@ def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_kee
         item_log_q=log_share(item_positives, items, total),
         user_log_q=log_share(user_positives, users, total),
         content=store.content(),
-        pairs=pairs,
     )
 
 
