@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--images", help="folder of <item_id>.jpg|png or <item_id>/<n>.jpg")
             s.add_argument("--movielens", nargs="?", const="default", help="use MovieLens 100K (default: ../shared/datasets/movielens-100k)")
             s.add_argument("--threshold", type=float, default=4.0, help="rating >= threshold is a positive; lower ratings are explicit negatives")
+        if name == "broker":
+            s.add_argument("--port", type=int, help="listen here (default: a free port); a restart on the same port "
+                                                   "and --run-name comes back with the broker's log")
         if name == "replay":
             s.add_argument("--speedup", type=float, help="replay at this multiple of real time (default: as fast as possible)")
         if name == "eval":
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, args.overrides,
             **{"kafka.bootstrap_servers": args.bootstrap_servers, "run_name": args.run_name, "runs_dir": args.runs_dir,
                "train.workers": getattr(args, "workers", None), "train.duration_s": getattr(args, "duration_s", None),
-               "train.use_gpu": getattr(args, "gpu", None)},
+               "train.use_gpu": getattr(args, "gpu", None), "kafka.local_port": getattr(args, "port", None)},
         )
     except ConfigError as exc:
         print(exc.message, file=sys.stderr)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_until_interrupted(message: str) -> None:
-    """A local broker's data lives in memory: keep it (and this process) up for a trainer until Ctrl-C."""
+    """Keeps a local broker (and this process) up for a trainer until Ctrl-C."""
     print(message, flush=True)
     while True:
         time.sleep(3600)
@@ -130,10 +133,22 @@ def _produce(cfg, args):
 
 
 def _broker(cfg, args):
-    from cluster.services import broker_for
+    """Serves until Ctrl-C; if the broker dies, this exits non-zero rather than sleep beside it
+    (whoever runs it, a shell or a supervisor, then sees the failure and restarts it)."""
+    from cluster.config import ConfigError
+    from cluster.services import local_broker
+    from streaming.topics import ensure_topics
 
-    with broker_for(cfg) as bootstrap:
-        _serve_until_interrupted(f"broker ready: --bootstrap-servers {bootstrap}")
+    if cfg.kafka.bootstrap_servers:
+        raise ConfigError("config error: launch.py broker runs a local broker; drop --bootstrap-servers")
+    with local_broker(cfg) as broker:
+        ensure_topics(cfg.kafka, broker.bootstrap)
+        print(f"broker ready: --bootstrap-servers {broker.bootstrap} (cluster id {broker.cluster_id}, "
+              f"log {broker.data_dir or 'in memory'})", flush=True)
+        while (why := broker.died()) is None:
+            time.sleep(0.5)
+    raise SystemExit(f"broker at {broker.bootstrap} died: {why}. Run the same launch.py broker --port {broker.port} "
+                     f"--run-name {cfg.run_name} to bring it back with its log")
 
 
 def _dataset_paths(cfg, args):

@@ -24,6 +24,7 @@ class TrainLoopConfig(Strict):
     publish_every_steps: int = Field(1000, ge=1)
     checkpoint_every_s: float = Field(120.0, gt=0)
     status_every_s: float = Field(10.0, gt=0)
+    max_failures: int = Field(3, ge=0, description="worker failures Ray restarts from the last checkpoint before the job fails")
     min_items_before_training: int = Field(64, ge=1, description="announced items to wait for before fitting cluster IDs")
     seed: int = 0
 

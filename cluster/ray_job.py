@@ -83,7 +83,7 @@ def run_training(cfg: Config, bootstrap: str) -> dict:
         train_loop_config={"cfg": cfg.model_dump(mode="json") | {"runs_dir": str(cfg.runs_dir.resolve())}, "bootstrap": bootstrap},
         torch_config=TorchConfig(backend=backend(gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu, resources_per_worker={"CPU": 1} | ({"GPU": 1} if gpu else {})),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(cfg.run_dir / "ray"), failure_config=FailureConfig(max_failures=1)),
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(cfg.run_dir / "ray"), failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     result = trainer.fit()
     if result.error:

@@ -17,16 +17,24 @@ from streaming.topics import ensure_topics
 log = logging.getLogger(__name__)
 
 
+def local_broker(cfg: Config) -> LocalBroker:
+    """The run's own broker: its log under the run directory (unless kafka.local_storage=memory)."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = cfg.run_dir / "broker" if cfg.kafka.local_storage == "s3" else None
+    return LocalBroker(cfg.kafka.local_port, cfg.run_dir / "broker.log", data_dir)
+
+
 @contextlib.contextmanager
 def broker_for(cfg: Config) -> Iterator[str]:
-    """Yields bootstrap servers: the configured cluster, or a local Tansu started (and stopped) here."""
+    """Yields bootstrap servers: the configured cluster, or a local Tansu started (and stopped)
+    here and restarted on the same address if it dies while the run goes on."""
     if cfg.kafka.bootstrap_servers:
         ensure_topics(cfg.kafka, cfg.kafka.bootstrap_servers)
         yield cfg.kafka.bootstrap_servers
         return
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    with LocalBroker(log_path=cfg.run_dir / "broker.log") as broker:
+    with local_broker(cfg) as broker:
         ensure_topics(cfg.kafka, broker.bootstrap)
+        broker.supervise()
         yield broker.bootstrap
 
 

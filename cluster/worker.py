@@ -13,6 +13,7 @@ import logging
 import tempfile
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from cluster.pipeline import Prefetcher, StepClock
 from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
 from embeddings.publish import IndexPublisher
 from embeddings.tables import shard_sparse_arch
-from streaming.consumer import ConsumerStats, InteractionStream, ItemFeed, owned_partitions
+from streaming.consumer import InteractionStream, ItemFeed, owned_partitions
 from streaming.shards import ShardCache
 from trainer.batch import ContentStore, make_batch
 from trainer.model import DenseArch
@@ -65,6 +66,16 @@ class ReplayWindow:
         return self.pairs[rng.integers(0, self.size, n)]
 
 
+@dataclass
+class Restored:
+    """What a checkpoint gives the consumers of a resumed worker."""
+
+    offsets: dict[int, int] = field(default_factory=dict)  # interaction partition -> next offset
+    feed_offsets: dict[int, int] = field(default_factory=dict)  # item-topic partition -> next offset
+    cluster_id: str | None = None  # of the broker the offsets refer to
+    stats: dict[str, int] = field(default_factory=dict)
+
+
 class Worker:
     def __init__(self, cfg: Config, bootstrap: str):
         self.cfg, self.bootstrap = cfg, bootstrap
@@ -97,29 +108,33 @@ class Worker:
         self.user_positives = np.zeros(m.max_users, np.int64)
         self.users: set[int] = set()
         self.clusters: tuple[ClusterModel, ClusterModel] | None = None
-        self.waiting: dict[int, list[int]] = defaultdict(list)  # positives whose item is not announced yet
-        self.fresh: list[tuple[int, int]] = []
-        self.inflight: dict[int, np.ndarray] = {}  # fresh pairs of batches built but not yet trained, by batch seq
+        # Positives travel as (user, item, partition, offset): the source position says up to where
+        # every event is trained (`trained_positions`), and who owns the pair after an elastic resume.
+        self.waiting: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # item not announced yet: (user, partition, offset)
+        self.fresh: list[tuple[int, int, int, int]] = []
+        self.inflight: dict[int, np.ndarray] = {}  # fresh rows of batches built but not yet trained, by batch seq
         self.built = 0
         self.replay = ReplayWindow(o.replay_window)
-        offsets: dict[int, int] = {}
-        self._restored_stats: dict = {}  # counters carried over from the checkpoint, if any
+        self.parts = owned_partitions(cfg.kafka.interaction_partitions, self.rank, self.world)
+        self.shards = ShardCache(m.frames, m.frame_size)
+        self.store = ContentStore(m, self.device)
+        restored = Restored()
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
-                offsets = self._restore(Path(d))
-        parts = owned_partitions(cfg.kafka.interaction_partitions, self.rank, self.world)
-        self.stream = InteractionStream(cfg.kafka, bootstrap, parts, m.max_users, m.max_items, offsets, f"coldstream-w{self.rank}")
-        self.stream.stats = ConsumerStats(**self._restored_stats)
-        self.feed = ItemFeed(cfg.kafka, bootstrap, m.max_items, f"coldstream-items-w{self.rank}")
-        self.shards = ShardCache(m.frames, m.frame_size)
-        self.store = ContentStore(m, self.device)
+                restored = self._restore(Path(d))
+        self.stream = InteractionStream(cfg.kafka, bootstrap, self.parts, m.max_users, m.max_items, restored.offsets,
+                                        f"coldstream-w{self.rank}", restored.cluster_id)
+        for name, value in restored.stats.items():  # in place: the stream's BrokerWatch counts into the same object
+            setattr(self.stream.stats, name, value)
+        self.feed = ItemFeed(cfg.kafka, bootstrap, m.max_items, f"coldstream-items-w{self.rank}", restored.feed_offsets,
+                             restored.cluster_id)
         self.unclustered: list = []  # content read before the cluster model exists
         self.publisher = IndexPublisher(self.run_dir / "index", cfg.publish.keep_versions, cfg.publish.index_factory)
         self.dropped_unknown_item = 0
         self.losses: deque[torch.Tensor] = deque(maxlen=20)  # device tensors, read only at status time
         log.info("worker %d/%d on %s (%s) owns partitions %s (resumed at step %d)", self.rank, self.world, self.device,
-                 self.precision, parts, self.step)
+                 self.precision, self.parts, self.step)
 
     # ---- input -----------------------------------------------------------------------------
     def _add_content(self, content) -> None:
@@ -127,8 +142,8 @@ class Worker:
         fc = int(frame_km.assign(frame_descriptor(content.frames)[None])[0])
         tc = int(text_km.assign(text_descriptor(content.text)[None])[0])
         self.store.add(content.item_id, content.frames, content.has_frames, content.text, fc, tc)
-        for user in self.waiting.pop(content.item_id, []):
-            self.fresh.append((user, content.item_id))
+        for user, part, offset in self.waiting.pop(content.item_id, []):
+            self.fresh.append((user, content.item_id, part, offset))
 
     def _ingest(self, timeout_ms: int | None = None) -> None:
         """Reads what arrived; waits up to `timeout_ms` (the consumer's poll timeout by default)."""
@@ -146,11 +161,11 @@ class Worker:
             if not ev.positive:
                 continue
             if ev.item_id in self.store:
-                self.fresh.append((ev.user_id, ev.item_id))
+                self.fresh.append((ev.user_id, ev.item_id, ev.partition, ev.offset))
             elif ev.item_id in self.shards.skipped:
                 self.dropped_unknown_item += 1
             else:
-                self.waiting[ev.item_id].append(ev.user_id)
+                self.waiting[ev.item_id].append((ev.user_id, ev.partition, ev.offset))
 
     def _fit_clusters(self) -> None:
         """Rank 0 fits k-means on the first announced items; every rank gets the same centroids."""
@@ -173,7 +188,7 @@ class Worker:
     def _catch_up_items(self, timeout_s: float = 120.0) -> None:
         """After a restore, re-read announcements until every buffered pair's item has content
         again; pairs whose item never comes back (its shard is gone) are dropped and counted."""
-        needed = set(self.replay.ordered()[:, 1].tolist()) | {i for _, i in self.fresh}
+        needed = set(self.replay.ordered()[:, 1].tolist()) | {p[1] for p in self.fresh}
         deadline = time.monotonic() + timeout_s
         while needed - set(self.store.items) - set(self.shards.skipped) and time.monotonic() < deadline:
             self._ingest()
@@ -194,7 +209,8 @@ class Worker:
         if len(self.fresh) + self.replay.size < b:
             return None
         take, self.fresh = self.fresh[:b], self.fresh[b:]
-        fresh = np.array(take, np.int64).reshape(-1, 2)
+        rows = np.array(take, np.int64).reshape(-1, 4)
+        fresh = rows[:, :2]
         self.replay.add(fresh)
         np.add.at(self.user_positives, fresh[:, 0], 1)
         np.add.at(self.item_positives, fresh[:, 1], 1)
@@ -203,13 +219,26 @@ class Worker:
                            self.item_positives, self.user_positives)
         self.built += 1
         batch.seq = self.built
-        self.inflight[batch.seq] = fresh
+        self.inflight[batch.seq] = rows
         return batch
 
     def _untrained(self) -> np.ndarray:
-        """Positives consumed but not trained yet: in built batches, then still queued as fresh."""
-        parts = [self.inflight[k] for k in sorted(self.inflight)] + [np.array(self.fresh, np.int64).reshape(-1, 2)]
+        """(user, item, partition, offset) consumed but not trained yet: in built batches, then queued as fresh."""
+        parts = [self.inflight[k] for k in sorted(self.inflight)] + [np.array(self.fresh, np.int64).reshape(-1, 4)]
         return np.concatenate(parts)
+
+    def _waiting_rows(self) -> np.ndarray:
+        return np.array([(u, i, p, o) for i, us in self.waiting.items() for u, p, o in us], np.int64).reshape(-1, 4)
+
+    def trained_positions(self) -> dict[int, int]:
+        """Per owned partition, the offset below which every event is trained (or needed no
+        training: negatives, dead letters). What a manifest promises, unlike the consumer's position."""
+        pending = np.concatenate([self._untrained(), self._waiting_rows()])
+        out = {}
+        for part, pos in self.stream.positions().items():
+            mine = pending[pending[:, 2] == part, 3]
+            out[part] = int(min(pos, mine.min())) if len(mine) else pos
+        return out
 
     # ---- collective actions ----------------------------------------------------------------
     def _sum(self, values: list[float]) -> list[float]:
@@ -217,7 +246,8 @@ class Worker:
 
     def publish(self) -> dict:
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, (set(self.store.items), self.users, self.stream.positions()), group=self.control)
+        # Called with the input thread paused or closed: it polls the consumer and moves pairs.
+        dist.all_gather_object(gathered, (set(self.store.items), self.users, self.trained_positions()), group=self.control)
         items = np.array(sorted(set.intersection(*(g[0] for g in gathered))), np.int64)
         users = np.array(sorted(set.union(*(g[1] for g in gathered))), np.int64)
         if len(items) == 0 or len(users) == 0:  # the same on every rank: nothing to serve yet
@@ -257,53 +287,93 @@ class Worker:
             np.subtract.at(user_pos, built[:, 0], 1)
             replay = self.replay.ordered()
             np.savez(d / f"counts-rank{self.rank}.npz", events=self.counts, item_positives=item_pos, user_positives=user_pos)
-            waiting = [(u, i) for i, us in self.waiting.items() for u in us]
             np.savez(d / f"buffers-rank{self.rank}.npz", replay=replay[: max(len(replay) - len(built), 0)],
-                     fresh=untrained, waiting=np.array(waiting, np.int64).reshape(-1, 2))
+                     fresh=untrained, waiting=self._waiting_rows())
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
-                "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step,
+                "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step, "world": self.world,
                 "stats": {"consumed": self.stream.stats.consumed, "malformed": self.stream.stats.malformed}}))
-            if self.rank == 0:
+            if self.rank == 0:  # every rank reads every announcement: rank 0's view stands for all
                 np.savez(d / "clusters.npz", frame=self.clusters[0].centroids, text=self.clusters[1].centroids)
+                np.savez(d / "content.npz", **self.store.state(), skipped=np.array(sorted(self.shards.skipped), np.int64))
+                (d / "items.json").write_text(json.dumps({"offsets": self.feed.positions(), "cluster_id": self.stream.watch.cluster_id,
+                                                          "skipped": self.shards.skipped}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
 
-    def _restore(self, d: Path) -> dict[int, int]:
+    def _restore(self, d: Path) -> Restored:
+        """Loads a checkpoint written by any number of workers. Per-partition state (offsets, and
+        the untrained pairs tagged with their partition) follows the partition to its new owner;
+        per-rank counters of old rank o go to new rank o % world, so sums are kept, and its replay
+        window is split between the new ranks that take over from it; TorchRec's distributed
+        checkpoint reshards the tables."""
+        old = sorted(d.glob("stream-rank*.json"), key=lambda p: int(p.stem.removeprefix("stream-rank")))
+        old_world = len(old)
+        mine = [o for o in range(old_world) if o % self.world == self.rank]
         state = {"model": self.sparse.state_dict(), "optim": self.sparse.fused_optimizer.state_dict()}
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(d / "sparse")))
         self.sparse.load_state_dict(state["model"])
         self.sparse.fused_optimizer.load_state_dict(state["optim"])
-        self.engine.load_checkpoint(str(d / "dense"), tag=DS_TAG)
-        mine = json.loads((d / f"stream-rank{self.rank}.json").read_text())
-        counts = np.load(d / f"counts-rank{self.rank}.npz")
-        self.counts, self.item_positives, self.user_positives = counts["events"], counts["item_positives"], counts["user_positives"]
-        buffers = np.load(d / f"buffers-rank{self.rank}.npz")
-        self.replay.add(buffers["replay"])
-        self.fresh = [tuple(p) for p in buffers["fresh"].tolist()]
-        for u, i in buffers["waiting"].tolist():
-            self.waiting[i].append(u)
-        self.users = set(mine["users"])
-        self.step = mine["step"]
-        self._restored_stats = mine.get("stats", {})
+        if old_world == self.world:
+            self.engine.load_checkpoint(str(d / "dense"), tag=DS_TAG)
+        else:  # ZeRO partitions the optimizer state by rank: keep the weights, restart AdamW's moments
+            self.engine.load_checkpoint(str(d / "dense"), tag=DS_TAG, load_module_only=True)
+            log.warning("resuming %d workers from a %d-worker checkpoint: dense weights restored, dense optimizer "
+                        "state restarted; tables, offsets and buffers resharded", self.world, old_world)
+        streams = [json.loads(p.read_text()) for p in old]
+        restored = Restored()
+        for o, st in enumerate(streams):
+            self.users |= set(st["users"])
+            restored.offsets.update({int(p): int(off) for p, off in st["offsets"].items() if int(p) in self.parts})
+            buffers = np.load(d / f"buffers-rank{o}.npz")
+            for name, target in (("fresh", self.fresh), ("waiting", None)):
+                rows = buffers[name]
+                for u, i, p, off in rows[np.isin(rows[:, 2], self.parts)].tolist():
+                    if target is None:
+                        self.waiting[i].append((u, p, off))
+                    else:
+                        target.append((u, i, p, off))
+            sharers = [r for r in range(self.world) if o % self.world == r or r % old_world == o]
+            if self.rank in sharers:  # more workers than before: old replay windows are split between them
+                self.replay.add(buffers["replay"][sharers.index(self.rank)::len(sharers)])
+            if o in mine:
+                counts = np.load(d / f"counts-rank{o}.npz")
+                self.counts += counts["events"]
+                self.item_positives += counts["item_positives"]
+                self.user_positives += counts["user_positives"]
+                for k, v in st.get("stats", {}).items():
+                    restored.stats[k] = restored.stats.get(k, 0) + v
+        self.fresh.sort(key=lambda r: (r[3], r[2]))  # oldest first, as they were consumed
+        self.step = max(st["step"] for st in streams)
         c = np.load(d / "clusters.npz")
         self.clusters = (ClusterModel(c["frame"]), ClusterModel(c["text"]))
-        log.info("restored checkpoint at step %d, offsets %s", self.step, mine["offsets"])
-        return {int(p): int(o) for p, o in mine["offsets"].items()}
+        content = np.load(d / "content.npz")
+        self.store.load_state({k: content[k] for k in content.files if k != "skipped"})
+        items = json.loads((d / "items.json").read_text())
+        self.shards.skipped.update({int(k): v for k, v in items["skipped"].items()})
+        restored.feed_offsets = {int(p): int(o) for p, o in items["offsets"].items()}
+        restored.cluster_id = items["cluster_id"]
+        log.info("restored checkpoint at step %d (written by %d workers): offsets %s, %d items, %d untrained positives",
+                 self.step, old_world, restored.offsets, len(self.store), len(self.fresh) + sum(map(len, self.waiting.values())))
+        return restored
 
     # ---- the loop ----------------------------------------------------------------------------
     def _status(self, clock: StepClock, loop_s: float, steps: int, version: int | None) -> None:
         with self.input.paused():  # the consumer is not thread-safe; the input thread polls it
             consumed, lag, malformed, items = self.stream.stats.consumed, self.stream.lag(), self.stream.stats.malformed, len(self.store)
             lost = self.stream.stats.data_loss_incidents + self.feed.stats.data_loss_incidents
+            outages = self.stream.stats.outages + self.feed.stats.outages
+            down = max(self.stream.watch.down_s, self.feed.watch.down_s)
         examples = steps * self.cfg.optim.batch_size * self.world
         loop_rate, step_rate = examples / max(loop_s, 1e-9), examples / max(clock.seconds(), 1e-9)
         loss = float(torch.stack(list(self.losses)).float().mean())
         print(f"[coldstream] step {self.step} loss {loss:.3f} | {steps / max(loop_s, 1e-9):.1f} steps/s {loop_rate:.0f} ex/s "
               f"(in steps {step_rate:.0f}) | w0 consumed {consumed} lag {lag} dead-letter {malformed}"
-              f"{f' BROKER-LOST-LOG x{lost}' if lost else ''} | items {items} | index v{version}",
+              f"{f' BROKER-LOST-LOG x{lost}' if lost else ''}{f' BROKER-DOWN {down:.0f}s' if down else ''}"
+              f"{f' outages {outages}' if outages else ''} | items {items} | index v{version}",
               flush=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"t": time.time(), "step": self.step, "loss": loss, "examples_per_s": loop_rate,
-                                "step_examples_per_s": step_rate, "broker_data_loss_incidents": lost}) + "\n")
+                                "step_examples_per_s": step_rate, "broker_data_loss_incidents": lost,
+                                "broker_outages": outages, "broker_down_s": down}) + "\n")
 
     def run(self) -> None:
         """Agree, step, publish, checkpoint; input arrives from the Prefetcher's thread.

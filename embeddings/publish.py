@@ -6,7 +6,11 @@ Kafka offsets, sha256 of every file). It is written under a temporary name and
 renamed into place, then `LATEST` is replaced atomically: a reader sees a whole
 version or none. Only the newest `keep` versions stay on disk. A temporary directory
 left by a crash is removed by the next publish. Versions never go backwards: weights
-older (by training step) than the latest version are not published.
+older (by training step), or Kafka offsets lower, than the latest version's are not
+published.
+
+`COLDSTREAM_CRASH_PUBLISH=N` makes the process exit just before version N is renamed
+into place (once: the retry finds the leftover): the fault the chaos benchmark injects.
 """
 from __future__ import annotations
 
@@ -65,23 +69,37 @@ class IndexPublisher:
         dirs = version_dirs(self.root)
         return int(dirs[-1].name[1:]) + 1 if dirs else 1
 
-    def latest_step(self) -> int | None:
+    def latest_manifest(self) -> dict:
         dirs = version_dirs(self.root)
         if not dirs:
-            return None
+            return {}
         try:
-            return json.loads((dirs[-1] / MANIFEST).read_text()).get("step")
+            return json.loads((dirs[-1] / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError):
-            return None
+            return {}
+
+    def _older(self, info: dict) -> str | None:
+        """Why `info` is older than the latest version, or None."""
+        last = self.latest_manifest()
+        if "step" in last and info.get("step", last["step"]) < last["step"]:
+            return f"step {info.get('step')} < step {last['step']}"
+        for topic, parts in info.get("kafka_offsets", {}).items():
+            for part, offset in parts.items():
+                before = last.get("kafka_offsets", {}).get(topic, {}).get(part)
+                if before is not None and offset < before:
+                    return f"{topic}[{part}] offset {offset} < {before}"
+        return None
 
     def publish(self, item_ids: np.ndarray, item_vecs: np.ndarray, user_ids: np.ndarray, user_vecs: np.ndarray,
                 info: dict) -> Published | None:
-        """Writes the next version; None (and a logged reason) when `info["step"]` is older than the latest's."""
-        last = self.latest_step()
-        if last is not None and info.get("step", last) < last:
-            log.warning("not publishing step %s: version %s already holds step %s", info.get("step"), self.next_version() - 1, last)
+        """Writes the next version; None (and a logged reason) when `info` is older than the latest's
+        (after a restore from a checkpoint older than the last publication)."""
+        why = self._older(info)
+        if why:
+            log.warning("not publishing: version %s is newer (%s)", self.next_version() - 1, why)
             return None
-        for stale in self.root.glob(".tmp-v*"):  # a crash mid-publish left it; only one publisher writes here
+        leftovers = list(self.root.glob(".tmp-v*"))
+        for stale in leftovers:  # a crash mid-publish left it; only one publisher writes here
             shutil.rmtree(stale, ignore_errors=True)
         version = self.next_version()
         tmp = self.root / f".tmp-v{version:06d}-{os.getpid()}"
@@ -101,6 +119,9 @@ class IndexPublisher:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         final = self.root / f"v{version:06d}"
+        if os.environ.get("COLDSTREAM_CRASH_PUBLISH") == str(version) and not leftovers:  # once: the retry goes through
+            log.error("COLDSTREAM_CRASH_PUBLISH=%d: exiting before the rename", version)
+            os._exit(1)
         os.rename(tmp, final)
         latest_tmp = self.root / f".{LATEST}.tmp"
         latest_tmp.write_text(final.name)

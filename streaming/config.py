@@ -20,9 +20,15 @@ class KafkaConfig(Strict):
     interaction_partitions: int = Field(4, ge=1)
     poll_timeout_ms: int = Field(200, ge=1)
     max_poll_records: int = Field(2000, ge=1)
+    local_storage: Literal["s3", "memory"] = Field(
+        "s3", description="where a local Tansu broker keeps its log: s3 (s3rver on disk under the run directory; "
+                          "survives broker restarts) or memory (lost on restart)")
+    local_port: int | None = Field(None, ge=1, le=65535, description="port of a local broker (None: a free one)")
+    broker_timeout_s: float = Field(10.0, gt=0, description="no metadata from the broker for this long is reported as an outage")
+    broker_outage_fail_s: float = Field(300.0, gt=0, description="an outage longer than this stops the job (exit != 0)")
     on_data_loss: Literal["fail", "rewind"] = Field(
         "fail", description="a consumer position past the broker's high-water mark means the broker lost records "
-                            "(restarted without its log): fail stops the job, rewind re-reads what the broker has")
+                            "(restarted without its log) or a changed cluster id: fail stops the job, rewind re-reads what the broker has")
 
 
 class WorldConfig(Strict):

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -43,31 +44,97 @@ class ConsumerStats:
     consumed: int = 0
     malformed: int = 0
     data_loss_incidents: int = 0
+    outages: int = 0
 
 
 class BrokerDataLoss(RuntimeError):
     """The broker no longer has records this consumer had read past: it lost its log."""
 
 
-def _check_positions(consumer: KafkaConsumer, tps: list[TopicPartition], policy: str, stats: ConsumerStats) -> None:
-    """A position beyond the high-water mark cannot happen while the broker keeps its log
-    (a consumer never reads past it). Fetches then return nothing and lag reads 0, so
-    without this check a restarted in-memory broker stops consumption silently."""
-    lost = []
-    for tp in tps:
-        hw = consumer.highwater(tp)
-        pos = consumer.position(tp, timeout_ms=1000) if hw is not None else None  # None: not resolved yet
-        if pos is not None and pos > hw:
-            lost.append((tp, pos, hw))
-    if not lost:
-        return
-    stats.data_loss_incidents += 1
-    where = ", ".join(f"{tp.topic}[{tp.partition}] position {pos} > high-water mark {hw}" for tp, pos, hw in lost)
-    if policy == "fail":
-        raise BrokerDataLoss(f"the broker lost records ({where}); it restarted without its log? "
-                             f"Stopping (kafka.on_data_loss=rewind would re-read what it has instead)")
-    log.error("the broker lost records (%s); rewinding those partitions to their beginning (kafka.on_data_loss=rewind)", where)
-    consumer.seek_to_beginning(*(tp for tp, _, _ in lost))
+class BrokerUnavailable(RuntimeError):
+    """No metadata from the broker for longer than kafka.broker_outage_fail_s."""
+
+
+class BrokerWatch:
+    """The three signs of a broker in trouble, checked after every poll of one consumer.
+
+    - A position beyond the high-water mark: impossible while the broker keeps its log (a
+      consumer never reads past it). Fetches then return nothing and lag reads 0, so without
+      this check a broker restarted without its log stops consumption silently.
+    - A changed cluster id: the broker was re-created (its id lives with its data).
+    - No metadata for `broker_timeout_s`: the broker is down or unreachable. The consumer keeps
+      its positions and carries on when the broker is back; past `broker_outage_fail_s` the
+      job stops.
+    Each incident is logged once, counted in `stats`, and shown by `down_s` in the status line.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, tps: list[TopicPartition], cfg: KafkaConfig, stats: ConsumerStats,
+                 cluster_id: str | None = None):
+        self._consumer, self._tps, self._cfg, self._stats = consumer, tps, cfg, stats
+        self.cluster_id = cluster_id
+        self._since = time.monotonic()
+        self._down_since: float | None = None
+
+    def _metadata(self):
+        return self._consumer._client.cluster  # kafka-python keeps the cluster metadata here; no public accessor
+
+    @property
+    def down_s(self) -> float:
+        return time.monotonic() - self._down_since if self._down_since is not None else 0.0
+
+    def check(self) -> None:
+        self._check_reachable()
+        self._check_cluster()
+        self._check_positions()
+
+    def _check_reachable(self) -> None:
+        last = max(self._metadata()._last_successful_refresh_ms / 1000, self._since)  # kafka-python: monotonic ms
+        silent_s = time.monotonic() - last
+        if silent_s > self._cfg.broker_timeout_s and self._down_since is None:
+            self._down_since = last
+            self._stats.outages += 1
+            log.error("BROKER DOWN: no metadata from the broker for %.0f s; keeping positions %s and waiting for it "
+                      "(the job stops after kafka.broker_outage_fail_s=%.0f s)", silent_s, self._where(),
+                      self._cfg.broker_outage_fail_s)
+        elif silent_s <= self._cfg.broker_timeout_s and self._down_since is not None:
+            log.warning("broker back after %.0f s; consuming again from %s", time.monotonic() - self._down_since, self._where())
+            self._down_since = None
+        if self._down_since is not None and self.down_s > self._cfg.broker_outage_fail_s:
+            raise BrokerUnavailable(f"no metadata from the broker for {self.down_s:.0f} s "
+                                    f"(kafka.broker_outage_fail_s={self._cfg.broker_outage_fail_s:.0f}); stopping")
+
+    def _where(self) -> str:
+        return ", ".join(f"{tp.topic}[{tp.partition}]@{self._consumer.position(tp, timeout_ms=0)}" for tp in self._tps)
+
+    def _check_cluster(self) -> None:
+        seen = self._metadata().cluster_id
+        if seen is None or seen == self.cluster_id:
+            return
+        if self.cluster_id is None:
+            self.cluster_id = seen
+            return
+        before, self.cluster_id = self.cluster_id, seen
+        self._lost(f"the cluster id changed from {before} to {seen}: a different or re-created broker", list(self._tps))
+
+    def _check_positions(self) -> None:
+        lost = []
+        for tp in self._tps:
+            hw = self._consumer.highwater(tp)
+            pos = self._consumer.position(tp, timeout_ms=1000) if hw is not None else None  # None: not resolved yet
+            if pos is not None and pos > hw:
+                lost.append((tp, pos, hw))
+        if lost:
+            self._lost("; ".join(f"{tp.topic}[{tp.partition}] position {pos} > high-water mark {hw}" for tp, pos, hw in lost),
+                       [tp for tp, _, _ in lost])
+
+    def _lost(self, what: str, tps: list[TopicPartition]) -> None:
+        self._stats.data_loss_incidents += 1
+        if self._cfg.on_data_loss == "fail":
+            raise BrokerDataLoss(f"the broker lost records ({what}); it restarted without its log? "
+                                 f"Stopping (kafka.on_data_loss=rewind would re-read what it has instead)")
+        log.error("BROKER LOST DATA: %s; rewinding %s to their beginning (kafka.on_data_loss=rewind)",
+                  what, ", ".join(f"{tp.topic}[{tp.partition}]" for tp in tps))
+        self._consumer.seek_to_beginning(*tps)
 
 
 class DeadLetters:
@@ -115,7 +182,24 @@ def _consumer(bootstrap: str, client_id: str, max_poll_records: int) -> KafkaCon
         client_id=client_id,
         max_poll_records=max_poll_records,
         fetch_max_wait_ms=100,
+        metadata_max_age_ms=2000,  # fresh metadata doubles as the broker's heartbeat (BrokerWatch)
+        reconnect_backoff_max_ms=1000,  # notice a restarted broker within a second, not after 30
     )
+
+
+def _assign(consumer: KafkaConsumer, tps: list[TopicPartition], start_offsets: dict[int, int] | None) -> None:
+    """Explicit assignment at the checkpointed offsets; partitions without one start at the beginning."""
+    consumer.assign(tps)
+    start_offsets = start_offsets or {}
+    for tp in tps:
+        if tp.partition in start_offsets:
+            consumer.seek(tp, start_offsets[tp.partition])
+        else:
+            consumer.seek_to_beginning(tp)
+
+
+def _positions(consumer: KafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
+    return {tp.partition: consumer.position(tp) for tp in tps}
 
 
 class InteractionStream:
@@ -130,19 +214,15 @@ class InteractionStream:
         max_items: int,
         start_offsets: dict[int, int] | None = None,
         client_id: str = "coldstream-worker",
+        cluster_id: str | None = None,
     ):
         self.cfg = cfg
         self.max_users, self.max_items = max_users, max_items
         self.stats = ConsumerStats()
         self._tps = [TopicPartition(cfg.interactions_topic, p) for p in partitions]
         self._consumer = _consumer(bootstrap, client_id, cfg.max_poll_records)
-        self._consumer.assign(self._tps)
-        start_offsets = start_offsets or {}
-        for tp in self._tps:
-            if tp.partition in start_offsets:
-                self._consumer.seek(tp, start_offsets[tp.partition])
-            else:
-                self._consumer.seek_to_beginning(tp)
+        _assign(self._consumer, self._tps, start_offsets)
+        self.watch = BrokerWatch(self._consumer, self._tps, cfg, self.stats, cluster_id)
         self._dead = DeadLetters(cfg, bootstrap)
 
     def poll(self, timeout_ms: int | None = None) -> list[Interaction]:
@@ -152,16 +232,16 @@ class InteractionStream:
             for rec in records:
                 self.stats.consumed += 1
                 try:
-                    out.append(decode_interaction(rec.value, self.max_users, self.max_items))
+                    out.append(decode_interaction(rec.value, self.max_users, self.max_items, tp.partition, rec.offset))
                 except Exception as exc:  # noqa: BLE001 - no record may crash the consumer: all go to the DLQ
                     self.stats.malformed += 1
                     self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))
-        _check_positions(self._consumer, self._tps, self.cfg.on_data_loss, self.stats)
+        self.watch.check()
         return out
 
     def positions(self) -> dict[int, int]:
         """Next offset to read per owned partition: what a checkpoint must store."""
-        return {tp.partition: self._consumer.position(tp) for tp in self._tps}
+        return _positions(self._consumer, self._tps)
 
     def flush(self) -> None:
         """Blocks until every dead letter sent so far is acknowledged by the broker."""
@@ -184,15 +264,16 @@ class InteractionStream:
 class ItemFeed:
     """Every worker reads every announcement: each needs the content of any item its users touch."""
 
-    def __init__(self, cfg: KafkaConfig, bootstrap: str, max_items: int, client_id: str = "coldstream-items"):
+    def __init__(self, cfg: KafkaConfig, bootstrap: str, max_items: int, client_id: str = "coldstream-items",
+                 start_offsets: dict[int, int] | None = None, cluster_id: str | None = None):
         self.cfg = cfg
         self.max_items = max_items
         self.stats = ConsumerStats()
         self._consumer = _consumer(bootstrap, client_id, cfg.max_poll_records)
         parts = self._consumer.partitions_for_topic(cfg.items_topic) or {0}
         self._tps = [TopicPartition(cfg.items_topic, p) for p in sorted(parts)]
-        self._consumer.assign(self._tps)
-        self._consumer.seek_to_beginning()
+        _assign(self._consumer, self._tps, start_offsets)
+        self.watch = BrokerWatch(self._consumer, self._tps, cfg, self.stats, cluster_id)
         self._dead = DeadLetters(cfg, bootstrap)
 
     def poll(self, timeout_ms: int = 0) -> list[ItemAnnouncement]:
@@ -205,8 +286,13 @@ class ItemFeed:
                 except Exception as exc:  # noqa: BLE001 - as above
                     self.stats.malformed += 1
                     self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))
-        _check_positions(self._consumer, self._tps, self.cfg.on_data_loss, self.stats)
+        self.watch.check()
         return out
+
+    def positions(self) -> dict[int, int]:
+        """Next announcement to read: checkpointed with the content store, so a restore needs
+        neither the topic's whole history nor infinite retention."""
+        return _positions(self._consumer, self._tps)
 
     def flush(self) -> None:
         self._dead.flush()

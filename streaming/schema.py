@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 # A record's size and nesting are capped before and after parsing: a 100 kB run of "[" once
 # escaped as a RecursionError and killed the worker on every retry. Both streams carry flat,
@@ -30,13 +30,18 @@ class Interaction:
     item_id: int
     event: str
     ts: float
+    # Where the record came from (set by the consumer, not part of the message): what lets a
+    # checkpoint and a manifest say up to which offset every event has been trained.
+    partition: int = field(default=-1, compare=False)
+    offset: int = field(default=-1, compare=False)
 
     @property
     def positive(self) -> bool:
         return self.event in POSITIVE_EVENTS
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps({"user_id": self.user_id, "item_id": self.item_id, "event": self.event, "ts": self.ts},
+                          separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def _json_object(raw: bytes | None) -> dict:
     return obj
 
 
-def decode_interaction(raw: bytes | None, max_users: int, max_items: int) -> Interaction:
+def decode_interaction(raw: bytes | None, max_users: int, max_items: int, partition: int = -1, offset: int = -1) -> Interaction:
     """Parse and validate one event; ids must fit the embedding tables they index."""
     obj = _json_object(raw)
     event = obj.get("event")
@@ -109,6 +114,8 @@ def decode_interaction(raw: bytes | None, max_users: int, max_items: int) -> Int
         item_id=_int_field(obj, "item_id", max_items),
         event=event,
         ts=_float_field(obj, "ts"),
+        partition=partition,
+        offset=offset,
     )
 
 

@@ -103,7 +103,7 @@ def test_a_broker_that_lost_its_log_is_detected(kafka_cfg):
     from streaming.consumer import BrokerDataLoss
 
     port = free_port()
-    with LocalBroker(port=port) as first:
+    with LocalBroker(port=port, cluster_id="same-id") as first:
         ensure_topics(kafka_cfg, first.bootstrap)
         prod = EventProducer(kafka_cfg, first.bootstrap)
         for i in range(200):
@@ -113,7 +113,7 @@ def test_a_broker_that_lost_its_log_is_detected(kafka_cfg):
                    for policy in ("fail", "rewind")}
         for s in streams.values():
             assert len(_drain(s, 200)) == 200
-    with LocalBroker(port=port) as second:  # same address, empty log
+    with LocalBroker(port=port, cluster_id="same-id") as second:  # same address and id, empty log
         ensure_topics(kafka_cfg, second.bootstrap)
         prod = EventProducer(kafka_cfg, second.bootstrap)
         for i in range(20):
@@ -127,3 +127,105 @@ def test_a_broker_that_lost_its_log_is_detected(kafka_cfg):
         assert len(rewound) == 20 and streams["rewind"].stats.data_loss_incidents >= 1
         for s in streams.values():
             s.close()
+
+
+def test_a_recreated_broker_is_detected_by_its_cluster_id(kafka_cfg):
+    """A memory broker restarted on the same address reports a new cluster id: stop, by default."""
+    from cluster.broker import LocalBroker, free_port
+    from streaming.consumer import BrokerDataLoss
+
+    port = free_port()
+    with LocalBroker(port=port) as first:
+        ensure_topics(kafka_cfg, first.bootstrap)
+        stream = InteractionStream(kafka_cfg, first.bootstrap, [0, 1, 2, 3], 100, 100)
+        stream.poll(500)
+        assert stream.watch.cluster_id == first.cluster_id
+    with LocalBroker(port=port) as second:
+        ensure_topics(kafka_cfg, second.bootstrap)
+        with pytest.raises(BrokerDataLoss, match="cluster id changed"):
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                stream.poll(200)
+        stream.close()
+
+
+def test_durable_broker_survives_kills_and_outages(tmp_path, kafka_cfg):
+    """The default local broker: its log outlives Tansu (killed, restarted by the supervisor)
+    and the object store itself (stopped and started again on the same directory). An outage
+    is reported once, and consumption carries on from the same positions afterwards."""
+    from cluster.broker import LocalBroker, free_port
+
+    cfg = kafka_cfg.model_copy(update={"broker_timeout_s": 2.0})
+    port, data = free_port(), tmp_path / "broker"
+    broker = LocalBroker(port, tmp_path / "broker.log", data).start()
+    ensure_topics(cfg, broker.bootstrap)
+    prod = EventProducer(cfg, broker.bootstrap)
+    for i in range(300):
+        prod.interaction(Interaction(i % 40, i % 17, "play", float(i)))
+    prod.flush()
+    stream = InteractionStream(cfg, broker.bootstrap, [0, 1, 2, 3], 100, 100)
+    assert len(_drain(stream, 300)) == 300
+
+    broker.supervise(check_s=0.2)
+    os.kill(broker.proc.pid, signal.SIGKILL)  # Tansu dies; the supervisor brings it back, log intact
+    for i in range(100):
+        prod.interaction(Interaction(i % 40, i % 17, "like", float(i)))
+    prod.flush()
+    after = _drain(stream, 100, timeout=60)
+    assert len(after) == 100 and {e.event for e in after} == {"like"} and broker.restarts == 1
+    assert stream.stats.data_loss_incidents == 0
+
+    broker._stopping.set()  # no supervisor now: an outage the consumer must notice, then recover from
+    os.kill(broker.proc.pid, signal.SIGKILL)
+    deadline = time.time() + 30
+    while stream.stats.outages == 0 and time.time() < deadline:
+        stream.poll(200)
+    assert stream.stats.outages == 1 and stream.watch.down_s > 0
+    broker._start_tansu(30)
+    deadline = time.time() + 30
+    while stream.watch.down_s > 0 and time.time() < deadline:
+        stream.poll(200)
+    assert stream.watch.down_s == 0 and stream.stats.outages == 1
+    stream.close()
+    prod.close()
+    cluster_id = broker.cluster_id
+    broker.stop()
+
+    with LocalBroker(port, tmp_path / "broker.log", data) as again:  # object store and Tansu both new
+        assert again.cluster_id == cluster_id
+        fresh = InteractionStream(cfg, again.bootstrap, [0, 1, 2, 3], 100, 100)
+        assert len(_drain(fresh, 400, timeout=30)) == 400
+        assert fresh.watch.cluster_id == cluster_id and fresh.stats.data_loss_incidents == 0
+        fresh.close()
+
+
+def test_launch_broker_exits_when_its_broker_dies_and_restarts_with_its_log(tmp_path, kafka_cfg):
+    from cluster.broker import free_port
+
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "launch.py"), "broker", "--port", str(port), "--runs-dir", str(tmp_path), "--run-name", "b"]
+
+    def start():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        assert "broker ready" in line, proc.stderr.read()
+        return proc
+
+    proc = start()
+    prod = EventProducer(kafka_cfg, f"127.0.0.1:{port}")
+    for i in range(50):
+        prod.interaction(Interaction(i, i, "play", float(i)))
+    prod.close()
+    tansu = subprocess.run(["pgrep", "-f", f"tansu broker --listener-url tcp://127.0.0.1:{port}"], capture_output=True, text=True)
+    os.kill(int(tansu.stdout.split()[0]), signal.SIGKILL)
+    assert proc.wait(30) != 0
+    assert "died" in proc.stderr.read()
+
+    proc = start()
+    try:
+        stream = InteractionStream(kafka_cfg, f"127.0.0.1:{port}", [0, 1, 2, 3], 100, 100)
+        assert len(_drain(stream, 50, timeout=30)) == 50
+        stream.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)

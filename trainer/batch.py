@@ -64,6 +64,23 @@ class ContentStore:
         self.frame_cluster[slot], self.text_cluster[slot] = frame_cluster, text_cluster
         self.items[item_id] = slot
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything in the store, host-side, in slot order: what a checkpoint keeps so that a
+        restore does not depend on the item topic's retention."""
+        n = len(self.items)
+        return {"items": np.array(sorted(self.items, key=self.items.get), np.int64),
+                "frames": self.frames[:n].cpu().numpy(), "tokens": self.tokens[:n].cpu().numpy(),
+                "has_frames": self.has_frames[:n].cpu().numpy(),
+                "frame_cluster": self.frame_cluster[:n].copy(), "text_cluster": self.text_cluster[:n].copy()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        n = len(state["items"])
+        self._grow(n)
+        for name in ("frames", "tokens", "has_frames"):
+            getattr(self, name)[:n] = torch.from_numpy(state[name]).to(self.device)
+        self.frame_cluster[:n], self.text_cluster[:n] = state["frame_cluster"], state["text_cluster"]
+        self.items = {int(i): slot for slot, i in enumerate(state["items"])}
+
     def slots(self, items: np.ndarray) -> np.ndarray:
         return np.fromiter((self.items[int(i)] for i in items), np.int64, len(items))
 
