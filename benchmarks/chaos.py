@@ -9,9 +9,10 @@ local broker, with faults injected in turn while it trains:
 
 Prints one JSON line per fault (when it was injected, seconds until the next new index
 version, whether versions stayed monotone) and a final line that accounts for every event:
-produced, consumed (once per offset: counters roll back with the offsets), dead-lettered by
-the trainer's counters and read back from the dead-letter topic, lost, and the exit status.
-Goal: lost 0, versions monotone, exit status 0.
+produced, consumed (once per offset: counters roll back with the offsets), positives trained,
+positives trained again from below a restored checkpoint's trained offsets (beyond the rollback
+window), dead-lettered by the trainer's counters and read back from the dead-letter topic, lost,
+and the exit status. Goal: lost 0, trained twice 0, versions monotone, exit status 0.
 
   python benchmarks/chaos.py [--duration-s 240]
 """
@@ -163,6 +164,8 @@ def main() -> None:
     print(json.dumps({
         "fault": "total", "exit_status": train.returncode, "produced": prod.sent, "consumed": consumed,
         "dead_lettered": summary.get("dead_lettered"), "dead_letter_records": dlq, "lost": prod.sent - consumed,
+        "positives_trained": summary.get("positives_trained"),
+        "trained_twice_beyond_rollback": summary.get("trained_twice_beyond_rollback"),
         "train_steps": summary.get("train_steps"), "versions": len(manifests.seen), "versions_monotone": manifests.monotone(),
         "broker_restarts": broker.restarts, "work_dir": str(work),
     }))

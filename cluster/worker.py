@@ -45,6 +45,16 @@ def all_sum(values: list[float], group: dist.ProcessGroup) -> list[float]:
     return t.tolist()
 
 
+def trained_through(positions: dict[int, int], pending: np.ndarray) -> dict[int, int]:
+    """Per partition, the lowest offset of a pending (user, item, partition, offset) row, or the
+    consumer's position when none is pending: every event below it is trained or needs no training."""
+    out = {}
+    for part, pos in positions.items():
+        mine = pending[pending[:, 2] == part, 3]
+        out[part] = int(min(pos, mine.min())) if len(mine) else pos
+    return out
+
+
 class ReplayWindow:
     """The most recent positive pairs; steps sample from it between fresh events."""
 
@@ -74,6 +84,8 @@ class Restored:
     feed_offsets: dict[int, int] = field(default_factory=dict)  # item-topic partition -> next offset
     cluster_id: str | None = None  # of the broker the offsets refer to
     stats: dict[str, int] = field(default_factory=dict)
+    trained: int = 0  # fresh positives trained so far, summed over the old ranks this one takes over
+    trained_floor: dict[int, int] = field(default_factory=dict)  # partition -> offset trained through
 
 
 class Worker:
@@ -132,6 +144,11 @@ class Worker:
         self.unclustered: list = []  # content read before the cluster model exists
         self.publisher = IndexPublisher(self.run_dir / "index", cfg.publish.keep_versions, cfg.publish.index_factory)
         self.dropped_unknown_item = 0
+        self.positives_trained = restored.trained  # fresh positives that went through a step, once each
+        # Offsets below which the restored checkpoint had trained everything: a fresh pair from there
+        # trained again would be a double count beyond the rollback window (checked, expected 0).
+        self.rollback_floor = restored.trained_floor
+        self.trained_twice = 0
         self.losses: deque[torch.Tensor] = deque(maxlen=20)  # device tensors, read only at status time
         log.info("worker %d/%d on %s (%s) owns partitions %s (resumed at step %d)", self.rank, self.world, self.device,
                  self.precision, self.parts, self.step)
@@ -227,18 +244,18 @@ class Worker:
         parts = [self.inflight[k] for k in sorted(self.inflight)] + [np.array(self.fresh, np.int64).reshape(-1, 4)]
         return np.concatenate(parts)
 
+    def _trained(self, rows: np.ndarray) -> None:
+        self.positives_trained += len(rows)
+        for part, floor in self.rollback_floor.items():
+            self.trained_twice += int(((rows[:, 2] == part) & (rows[:, 3] < floor)).sum())
+
     def _waiting_rows(self) -> np.ndarray:
         return np.array([(u, i, p, o) for i, us in self.waiting.items() for u, p, o in us], np.int64).reshape(-1, 4)
 
     def trained_positions(self) -> dict[int, int]:
         """Per owned partition, the offset below which every event is trained (or needed no
         training: negatives, dead letters). What a manifest promises, unlike the consumer's position."""
-        pending = np.concatenate([self._untrained(), self._waiting_rows()])
-        out = {}
-        for part, pos in self.stream.positions().items():
-            mine = pending[pending[:, 2] == part, 3]
-            out[part] = int(min(pos, mine.min())) if len(mine) else pos
-        return out
+        return trained_through(self.stream.positions(), np.concatenate([self._untrained(), self._waiting_rows()]))
 
     # ---- collective actions ----------------------------------------------------------------
     def _sum(self, values: list[float]) -> list[float]:
@@ -291,7 +308,8 @@ class Worker:
                      fresh=untrained, waiting=self._waiting_rows())
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
                 "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step, "world": self.world,
-                "stats": {"consumed": self.stream.stats.consumed, "malformed": self.stream.stats.malformed}}))
+                "stats": {"consumed": self.stream.stats.consumed, "malformed": self.stream.stats.malformed},
+                "trained": self.positives_trained}))
             if self.rank == 0:  # every rank reads every announcement: rank 0's view stands for all
                 np.savez(d / "clusters.npz", frame=self.clusters[0].centroids, text=self.clusters[1].centroids)
                 np.savez(d / "content.npz", **self.store.state(), skipped=np.array(sorted(self.shards.skipped), np.int64))
@@ -341,7 +359,10 @@ class Worker:
                 self.user_positives += counts["user_positives"]
                 for k, v in st.get("stats", {}).items():
                     restored.stats[k] = restored.stats.get(k, 0) + v
+                restored.trained += st.get("trained", 0)
         self.fresh.sort(key=lambda r: (r[3], r[2]))  # oldest first, as they were consumed
+        restored.trained_floor = trained_through(restored.offsets, np.concatenate(
+            [np.array(self.fresh, np.int64).reshape(-1, 4), self._waiting_rows()]))
         self.step = max(st["step"] for st in streams)
         c = np.load(d / "clusters.npz")
         self.clusters = (ClusterModel(c["frame"]), ClusterModel(c["text"]))
@@ -408,7 +429,7 @@ class Worker:
                     clock.start()
                     self.losses.append(self.step_fn(batch))
                     clock.stop()
-                    self.inflight.pop(batch.seq, None)
+                    self._trained(self.inflight.pop(batch.seq))
                     batch = None
                     self.step += 1
                 if pub or ckpt:
@@ -429,16 +450,17 @@ class Worker:
         loop_s = time.monotonic() - start - side_s
         step_s = clock.seconds(wait=True)
         version = self.publish().get("version", version)
-        consumed, malformed, dropped, skipped, loop_total, step_total = self._sum([
+        consumed, malformed, dropped, skipped, loop_total, step_total, trained, twice = self._sum([
             self.stream.stats.consumed, self.stream.stats.malformed, self.dropped_unknown_item,
-            len(self.shards.skipped) if self.rank == 0 else 0, loop_s, step_s])
+            len(self.shards.skipped) if self.rank == 0 else 0, loop_s, step_s, self.positives_trained, self.trained_twice])
         steps = self.step - start_step
         examples = steps * self.cfg.optim.batch_size * self.world
         loop_rate = examples / max(loop_total / self.world, 1e-9)
         step_rate = examples / max(step_total / self.world, 1e-9)
         final = {
             "events_consumed": int(consumed), "dead_lettered": int(malformed), "events_dropped_missing_content": int(dropped),
-            "items_skipped": int(skipped), "train_steps": self.step, "steps_this_run": steps,
+            "items_skipped": int(skipped), "positives_trained": int(trained), "trained_twice_beyond_rollback": int(twice),
+            "train_steps": self.step, "steps_this_run": steps,
             "examples_per_s": loop_rate, "step_examples_per_s": step_rate, "loop_step_ratio": loop_rate / max(step_rate, 1e-9),
             "device": str(self.device), "precision": self.precision,
             "final_loss": float(torch.stack(list(self.losses)).float().mean()) if self.losses else None, "index_version": version,

@@ -87,6 +87,7 @@ def test_train_resumes_from_checkpoint_and_offsets_on_any_worker_count(tmp_path,
         offsets.append(index.current.manifest["kafka_offsets"]["interactions"])
         if run:  # offsets restored: every event read exactly once across the runs; the counters carry over
             assert out["events_consumed"] == prod.sent
+        assert out["positives_trained"] > 0 and out["trained_twice_beyond_rollback"] == 0
     prod.close()
     assert sorted(offsets[0]) == sorted(offsets[1]) == ["0", "1", "2", "3"]
     assert all(offsets[k][p] <= offsets[k + 1][p] for k in range(2) for p in offsets[0])
