@@ -93,6 +93,35 @@ def test_train_resumes_from_checkpoint_and_offsets_on_any_worker_count(tmp_path,
     assert all(offsets[k][p] <= offsets[k + 1][p] for k in range(2) for p in offsets[0])
 
 
+def test_a_worker_that_dies_mid_publish_is_restored_from_its_checkpoint(tmp_path, broker):
+    """A Ray worker exits just before renaming version 2 into place (COLDSTREAM_CRASH_PUBLISH): Ray
+    restarts the group from the last checkpoint, the leftover is cleaned, versions stay monotone,
+    every event is counted once and no positive is trained twice beyond the rollback window."""
+    import os
+
+    kafka = KafkaConfig()
+    ensure_topics(kafka, broker.bootstrap)
+    world = World.create(WorldConfig(n_users=200, initial_items=80, new_items=0, events_per_user=20))
+    prod = EventProducer(kafka, broker.bootstrap)
+    for _ in run_world(world, tmp_path / "shards", prod.sink(), realtime=False):
+        pass
+    prod.close()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "train", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path),
+         "--run-name", "c", *SMALL, "--set", "train.min_items_before_training=16", "--set", "train.publish_every_steps=5",
+         "--set", "train.checkpoint_every_s=1", "--set", "train.max_steps=30"],
+        capture_output=True, text=True, timeout=420, cwd=ROOT, env=dict(os.environ, COLDSTREAM_CRASH_PUBLISH="2"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "COLDSTREAM_CRASH_PUBLISH=2: exiting before the rename" in proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["train_steps"] == 30 and out["events_consumed"] == prod.sent
+    assert out["positives_trained"] > 0 and out["trained_twice_beyond_rollback"] == 0
+    index = tmp_path / "c" / "index"
+    assert not list(index.glob(".tmp-v*"))
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in sorted(index.glob("v0*"))]
+    assert [m["step"] for m in manifests] == sorted(m["step"] for m in manifests) and manifests[-1]["step"] == 30
+
+
 @pytest.mark.skipif(not MOVIELENS.exists(), reason=f"needs the MovieLens 100K folder at {MOVIELENS}")
 def test_eval_protocol_on_a_movielens_slice(tmp_path):
     """A slice of the real MovieLens 100K through the real path; the metric fields all there."""
