@@ -36,6 +36,16 @@ DEMO_WORLD = ["--set", "world.n_users=300", "--set", "world.initial_items=150", 
               "--set", "world.new_item_interval_s=0.1", "--set", "train.publish_every_s=12"]
 
 
+def small_world(tmp_path, bootstrap: str) -> EventProducer:
+    """200 users and 80 items, produced at once; the producer stays open for more events."""
+    ensure_topics(KafkaConfig(), bootstrap)
+    world = World.create(WorldConfig(n_users=200, initial_items=80, new_items=0, events_per_user=20))
+    prod = EventProducer(KafkaConfig(), bootstrap)
+    for _ in run_world(world, tmp_path / "shards", prod.sink(), realtime=False):
+        pass
+    return prod
+
+
 def test_demo_small(tmp_path):
     """bf16 on the CPU: the dense engine in bf16, the sparse rows in fp32, the real worker loop."""
     s = launch("demo", "--runs-dir", str(tmp_path), "--run-name", "e2e", "--duration-s", "50", *SMALL, "--set", "train.precision=bf16",
@@ -66,12 +76,7 @@ def test_train_resumes_from_checkpoint_and_offsets_on_any_worker_count(tmp_path,
     """Three runs on one broker: 2 workers, then 1 (tables resharded, partitions reassigned from
     the saved per-partition offsets), then 2 again. Every event is read exactly once in total,
     the step carries on, and the manifests' trained offsets never go backwards."""
-    kafka = KafkaConfig()
-    ensure_topics(kafka, broker.bootstrap)
-    world = World.create(WorldConfig(n_users=200, initial_items=80, new_items=0, events_per_user=20))
-    prod = EventProducer(kafka, broker.bootstrap)
-    for _ in run_world(world, tmp_path / "shards", prod.sink(), realtime=False):
-        pass
+    prod = small_world(tmp_path, broker.bootstrap)
     common = ["train", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path), "--run-name", "r", *SMALL,
               "--set", "train.min_items_before_training=16", "--set", "train.publish_every_steps=10"]
     index = IndexReader(tmp_path / "r" / "index")
@@ -99,12 +104,7 @@ def test_a_worker_that_dies_mid_publish_is_restored_from_its_checkpoint(tmp_path
     every event is counted once and no positive is trained twice beyond the rollback window."""
     import os
 
-    kafka = KafkaConfig()
-    ensure_topics(kafka, broker.bootstrap)
-    world = World.create(WorldConfig(n_users=200, initial_items=80, new_items=0, events_per_user=20))
-    prod = EventProducer(kafka, broker.bootstrap)
-    for _ in run_world(world, tmp_path / "shards", prod.sink(), realtime=False):
-        pass
+    prod = small_world(tmp_path, broker.bootstrap)
     prod.close()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), "train", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path),
