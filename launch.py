@@ -7,6 +7,7 @@
   broker   run a local Tansu broker with the project's topics until Ctrl-C
   replay   replay a dataset (generic CSV format, or --movielens) through Kafka + WebDataset
   eval     the cold-start evaluation protocol on a dataset: split, replay, train, publish, rank
+  serve    the published index over HTTP: /recommend /similar POST /items /healthz /metrics
 
 Every subcommand reads one typed configuration: --config FILE.yaml, then
 --set section.field=value overrides, then the flags below. A bad value stops the
@@ -29,7 +30,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("demo", "train", "produce", "broker", "replay", "eval"):
+    for name in ("demo", "train", "produce", "broker", "replay", "eval", "serve"):
         s = sub.add_parser(name)
         s.add_argument("--config", help="YAML file with any of the sections: kafka, world, model, optim, train, publish")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "broker":
             s.add_argument("--port", type=int, help="listen here (default: a free port); a restart on the same port "
                                                    "and --run-name comes back with the broker's log")
+        if name == "serve":
+            s.add_argument("--index", required=True, help="a published index directory (the one holding LATEST)")
+            s.add_argument("--host", default="127.0.0.1")
+            s.add_argument("--port", type=int, default=8000)
         if name == "replay":
             s.add_argument("--speedup", type=float, help="replay at this multiple of real time (default: as fast as possible)")
         if name == "eval":
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             args.config, args.overrides,
             **{"kafka.bootstrap_servers": args.bootstrap_servers, "run_name": args.run_name, "runs_dir": args.runs_dir,
                "train.workers": getattr(args, "workers", None), "train.duration_s": getattr(args, "duration_s", None),
-               "train.use_gpu": getattr(args, "gpu", None), "kafka.local_port": getattr(args, "port", None)},
+               "train.use_gpu": getattr(args, "gpu", None),
+               "kafka.local_port": getattr(args, "port", None) if args.command == "broker" else None},
         )
     except ConfigError as exc:
         print(exc.message, file=sys.stderr)
@@ -188,7 +194,13 @@ def _eval(cfg, args):
     return evaluate_dataset(cfg, *_dataset_paths(cfg, args), args.cold_fraction, args.seed, args.minutes, args.threshold)
 
 
-COMMANDS = {"demo": _demo, "train": _train, "produce": _produce, "broker": _broker, "replay": _replay, "eval": _eval}
+def _serve(cfg, args):
+    from cluster.serve import serve
+
+    serve(args.index, args.host, args.port)
+
+
+COMMANDS = {"serve": _serve, "demo": _demo, "train": _train, "produce": _produce, "broker": _broker, "replay": _replay, "eval": _eval}
 
 if __name__ == "__main__":
     logging.captureWarnings(True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import Config
+from cluster.early_stage import early_stage, plot_transition, transition
 from cluster.ray_job import run_training
 from cluster.services import broker_for
 from embeddings.clusters import TEXT_DIM, frame_descriptor, text_descriptor
@@ -153,6 +154,17 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
             else:
                 result["baselines"].setdefault(method, {})[set_name] = m
     result["index_version"] = reader.version
+    version_dir = reader.root / f"v{reader.version:06d}"
+    vectors = dict(zip(users, user_vecs))
+    known = {u: vectors[u] for u in users if u not in users_missing}
+    everything = _items_by_user(ds, np.concatenate([split.train, split.test]))
+    result["early_stage"] = early_stage(version_dir, known, _items_by_user(ds, split.test, threshold), everything, tags,
+                                        shard_dir, seed)
+    counts: dict[int, int] = {}
+    for idx in split.train:
+        item = ds.item_ids[ds.rows[idx].item]
+        counts[item] = counts.get(item, 0) + 1
+    result["transition"] = transition(version_dir, users, user_vecs, test_pos, train_seen, counts, shard_dir)
     return result
 
 
@@ -170,7 +182,14 @@ def write_report(result: dict, run_dir: Path) -> None:
     for name, sets in methods.items():
         for s, m in sets.items():
             lines.append(f"| {name} | {s} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
+    early = result.get("early_stage") or {}
+    if early:
+        lines += ["", f"Early stage (MEMER protocol, {early['items']} items mature in training, {early['pairs']} test pairs):", "",
+                  "| method | AUC | RelaImpr |", "|---|---|---|"]
+        lines += [f"| {m} | {a:.4f} | {early['relaimpr'].get(m, 1.0):.3f} |" for m, a in early["auc"].items()]
     (run_dir / "eval.md").write_text("\n".join(lines) + "\n")
+    if result.get("transition", {}).get("bins"):
+        plot_transition(result["transition"], run_dir / "transition.png")
     fig, ax = plt.subplots(figsize=(9, 4))
     names = list(methods)
     for j, s in enumerate(("cold", "warm", "all")):

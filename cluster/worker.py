@@ -26,16 +26,30 @@ from cluster.config import Config
 from cluster.devices import control_group, deepspeed_config, precision, want_gpu
 from cluster.pipeline import Prefetcher, StepClock
 from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
+from embeddings.mapping import MAPPING_FILE, save_mapping
+from embeddings.maturity import StabilityCurve
 from embeddings.publish import IndexPublisher
 from embeddings.tables import shard_sparse_arch
 from streaming.consumer import InteractionStream, ItemFeed, owned_partitions
+from streaming.schema import EVENT_TYPES
 from streaming.shards import ShardCache
 from trainer.batch import ContentStore, make_batch
+from trainer.memer import stage
 from trainer.model import DenseArch
-from trainer.step import TrainStep, export_vectors
+from trainer.step import TrainStep, cluster_rows, export_vectors
 
 log = logging.getLogger("coldstream.worker")
 DS_TAG = "dense"
+EVENT_CODE = {e: k for k, e in enumerate(EVENT_TYPES)}
+EARLY_FILE = "early.npz"
+SAMPLE_LATENCIES = 5000  # per rank and version: enough for p95
+
+
+def percentiles(latencies: np.ndarray) -> dict:
+    if len(latencies) == 0:
+        return {"n": 0}
+    p50, p95 = np.percentile(latencies, [50, 95])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "n": int(len(latencies))}
 
 
 def all_sum(values: list[float], group: dist.ProcessGroup) -> list[float]:
@@ -46,7 +60,7 @@ def all_sum(values: list[float], group: dist.ProcessGroup) -> list[float]:
 
 
 def trained_through(positions: dict[int, int], pending: np.ndarray) -> dict[int, int]:
-    """Per partition, the lowest offset of a pending (user, item, partition, offset) row, or the
+    """Per partition, the lowest offset of a pending (user, item, partition, offset, event) row, or the
     consumer's position when none is pending: every event below it is trained or needs no training."""
     out = {}
     for part, pos in positions.items():
@@ -56,10 +70,10 @@ def trained_through(positions: dict[int, int], pending: np.ndarray) -> dict[int,
 
 
 class ReplayWindow:
-    """The most recent positive pairs; steps sample from it between fresh events."""
+    """The most recent positives as (user, item, event code); steps sample from it between fresh events."""
 
     def __init__(self, capacity: int):
-        self.pairs = np.zeros((capacity, 2), np.int64)
+        self.pairs = np.zeros((capacity, 3), np.int64)
         self.size = self.head = 0
 
     def add(self, pairs: np.ndarray) -> None:
@@ -120,16 +134,26 @@ class Worker:
         self.user_positives = np.zeros(m.max_users, np.int64)
         self.users: set[int] = set()
         self.clusters: tuple[ClusterModel, ClusterModel] | None = None
-        # Positives travel as (user, item, partition, offset): the source position says up to where
-        # every event is trained (`trained_positions`), and who owns the pair after an elastic resume.
-        self.waiting: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # item not announced yet: (user, partition, offset)
-        self.fresh: list[tuple[int, int, int, int]] = []
+        # Positives travel as (user, item, partition, offset, event code): the source position says up
+        # to where every event is trained (`trained_positions`), and who owns the pair after an
+        # elastic resume; the event says which MEMER signals it teaches.
+        self.waiting: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)  # item not announced yet: (user, partition, offset, event)
+        self.fresh: list[tuple[int, int, int, int, int]] = []
         self.inflight: dict[int, np.ndarray] = {}  # fresh rows of batches built but not yet trained, by batch seq
         self.built = 0
         self.replay = ReplayWindow(o.replay_window)
         self.parts = owned_partitions(cfg.kafka.interaction_partitions, self.rank, self.world)
         self.shards = ShardCache(m.frames, m.frame_size)
         self.store = ContentStore(m, self.device)
+        # MEMER: M from the stability curve; items at or past it (by the counts of the last
+        # publication) teach the mapping.
+        self.curve = StabilityCurve(m.maturity_epsilon)
+        self.maturity = m.maturity_threshold
+        self.mature = np.zeros(m.max_items, bool)
+        self.item_updates = np.zeros(m.max_items, np.int64)  # times each item was in a batch (fresh or replayed)
+        # Freshness: (partition, offset, broker time) of events not yet in a version; announcement times.
+        self.event_times: list[tuple[int, int, float]] = []
+        self.announced: dict[int, float] = {}
         restored = Restored()
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
@@ -159,12 +183,13 @@ class Worker:
         fc = int(frame_km.assign(frame_descriptor(content.frames)[None])[0])
         tc = int(text_km.assign(text_descriptor(content.text)[None])[0])
         self.store.add(content.item_id, content.frames, content.has_frames, content.text, fc, tc)
-        for user, part, offset in self.waiting.pop(content.item_id, []):
-            self.fresh.append((user, content.item_id, part, offset))
+        for user, part, offset, event in self.waiting.pop(content.item_id, []):
+            self.fresh.append((user, content.item_id, part, offset, event))
 
     def _ingest(self, timeout_ms: int | None = None) -> None:
         """Reads what arrived; waits up to `timeout_ms` (the consumer's poll timeout by default)."""
         for ann in self.feed.poll():
+            self.announced.setdefault(ann.item_id, ann.kafka_ts)
             content = self.shards.fetch(ann.item_id, ann.shard_url)
             if content is None:
                 self.dropped_unknown_item += len(self.waiting.pop(ann.item_id, []))
@@ -175,14 +200,15 @@ class Worker:
         for ev in self.stream.poll(timeout_ms):
             self.counts[ev.item_id] += 1
             self.users.add(ev.user_id)
+            self.event_times.append((ev.partition, ev.offset, ev.kafka_ts))
             if not ev.positive:
                 continue
             if ev.item_id in self.store:
-                self.fresh.append((ev.user_id, ev.item_id, ev.partition, ev.offset))
+                self.fresh.append((ev.user_id, ev.item_id, ev.partition, ev.offset, EVENT_CODE[ev.event]))
             elif ev.item_id in self.shards.skipped:
                 self.dropped_unknown_item += 1
             else:
-                self.waiting[ev.item_id].append((ev.user_id, ev.partition, ev.offset))
+                self.waiting[ev.item_id].append((ev.user_id, ev.partition, ev.offset, EVENT_CODE[ev.event]))
 
     def _fit_clusters(self) -> None:
         """Rank 0 fits k-means on the first announced items; every rank gets the same centroids."""
@@ -226,22 +252,24 @@ class Worker:
         if len(self.fresh) + self.replay.size < b:
             return None
         take, self.fresh = self.fresh[:b], self.fresh[b:]
-        rows = np.array(take, np.int64).reshape(-1, 4)
-        fresh = rows[:, :2]
+        rows = np.array(take, np.int64).reshape(-1, 5)
+        fresh = rows[:, [0, 1, 4]]
         self.replay.add(fresh)
         np.add.at(self.user_positives, fresh[:, 0], 1)
         np.add.at(self.item_positives, fresh[:, 1], 1)
         pairs = fresh if len(fresh) == b else np.concatenate([fresh, self.replay.sample(self.rng, b - len(fresh))])
+        np.add.at(self.item_updates, pairs[:, 1], 1)
         batch = make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng,
-                           self.item_positives, self.user_positives)
+                           self.item_positives, self.user_positives, pairs[:, 2], self.cfg.model.memer_signals,
+                           self.mature if self.mature.any() else self.counts * self.world >= self.maturity)
         self.built += 1
         batch.seq = self.built
         self.inflight[batch.seq] = rows
         return batch
 
     def _untrained(self) -> np.ndarray:
-        """(user, item, partition, offset) consumed but not trained yet: in built batches, then queued as fresh."""
-        parts = [self.inflight[k] for k in sorted(self.inflight)] + [np.array(self.fresh, np.int64).reshape(-1, 4)]
+        """(user, item, partition, offset, event) consumed but not trained yet: in built batches, then queued as fresh."""
+        parts = [self.inflight[k] for k in sorted(self.inflight)] + [np.array(self.fresh, np.int64).reshape(-1, 5)]
         return np.concatenate(parts)
 
     def _trained(self, rows: np.ndarray) -> None:
@@ -250,7 +278,7 @@ class Worker:
             self.trained_twice += int(((rows[:, 2] == part) & (rows[:, 3] < floor)).sum())
 
     def _waiting_rows(self) -> np.ndarray:
-        return np.array([(u, i, p, o) for i, us in self.waiting.items() for u, p, o in us], np.int64).reshape(-1, 4)
+        return np.array([(u, i, p, o, e) for i, us in self.waiting.items() for u, p, o, e in us], np.int64).reshape(-1, 5)
 
     def trained_positions(self) -> dict[int, int]:
         """Per owned partition, the offset below which every event is trained (or needed no
@@ -261,28 +289,77 @@ class Worker:
     def _sum(self, values: list[float]) -> list[float]:
         return all_sum(values, self.control)
 
+    def _freshness(self, trained: dict[int, int], now: float) -> tuple[np.ndarray, np.ndarray]:
+        """Seconds from broker time to `now` of the events this version trains for the first time
+        (below the trained offsets), and of the items it serves for the first time (rank 0 reads
+        every announcement, so it alone answers for items); both sampled to a bound."""
+        times = np.array(self.event_times, np.float64).reshape(-1, 3)
+        done = np.zeros(len(times), bool)
+        for part, through in trained.items():
+            done |= (times[:, 0] == part) & (times[:, 1] < through)
+        self.event_times = [tuple(r) for r in times[~done].tolist()]
+        events = now - times[done, 2]
+        items = np.array([now - self.announced.pop(i) for i in list(self.announced) if i in self.store], np.float64)
+        if self.rank:
+            items = items[:0]
+        return (self.rng.choice(events, min(len(events), SAMPLE_LATENCIES), replace=False),
+                self.rng.choice(items, min(len(items), SAMPLE_LATENCIES), replace=False))
+
     def publish(self) -> dict:
+        """Exports every item and user; serves mature items by their full embedding and
+        early-stage ones by MEMER's mapping; measures the stability curve (and with it M) and
+        freshness; rank 0 writes the version with the mapping as an artefact beside the index."""
+        started = time.monotonic()
         gathered: list = [None] * self.world
         # Called with the input thread paused or closed: it polls the consumer and moves pairs.
-        dist.all_gather_object(gathered, (set(self.store.items), self.users, self.trained_positions()), group=self.control)
+        seen = np.unique(self.replay.ordered()[:, :2], axis=0)
+        trained = self.trained_positions()
+        dist.all_gather_object(gathered, (set(self.store.items), self.users, trained, seen), group=self.control)
         items = np.array(sorted(set.intersection(*(g[0] for g in gathered))), np.int64)
         users = np.array(sorted(set.union(*(g[1] for g in gathered))), np.int64)
         if len(items) == 0 or len(users) == 0:  # the same on every rank: nothing to serve yet
             return {}
-        counts = torch.from_numpy(self.counts.astype(np.float64))
+        counts = torch.from_numpy(np.stack([self.counts, self.item_updates]).astype(np.float64))
         dist.all_reduce(counts, group=self.control)
-        mature = counts.numpy()[items] >= self.cfg.model.maturity_threshold
-        item_vecs, user_vecs = export_vectors(self.sparse, self.engine.module, self.store, items, users, mature, self.device,
-                                              group=self.control)
+        counts, updates = counts.numpy().astype(np.int64)
+        m = self.cfg.model
+        variants, user_vecs = export_vectors(self.sparse, self.engine.module, self.store, items, users,
+                                             stage(torch.from_numpy(counts[items]), self.maturity).numpy(), self.device,
+                                             group=self.control)
+        self.curve.update(items, counts[items], updates[items], variants["full"])  # every rank: the same vectors, the same M
+        self.maturity = self.curve.threshold() or self.maturity
+        self.mature = counts >= self.maturity
+        mature = self.mature[items]
+        early = f"early_{m.memer_signals[0]}" if m.memer_signals else "content"
+        item_vecs = np.where(mature[:, None], variants["full"], variants[early])
+        event_lat, item_lat = self._freshness(trained, time.time())
+        rows = cluster_rows(self.sparse, len(self.clusters[0].centroids), len(self.clusters[1].centroids), self.device)
+        lat: list = [None] * self.world
+        dist.all_gather_object(lat, (event_lat, item_lat), group=self.control)
+        if self.rank != 0:
+            return {}
+        pairs = np.concatenate([g[3] for g in gathered])
         info = {"step": self.step, "mature_items": int(mature.sum()), "kafka_offsets": {
-            self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}}}
-        if self.rank == 0:
-            pub = self.publisher.publish(items, item_vecs, users, user_vecs, info)
-            if pub is None:
-                return {}
-            log.info("published index v%d: %d items (%d mature), %d users, step %d", pub.version, len(items), info["mature_items"], len(users), self.step)
-            return {"version": pub.version}
-        return {}
+            self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}},
+            "maturity": {"threshold": self.maturity, "epsilon": m.maturity_epsilon, "measured": self.curve.threshold() is not None,
+                         "curve": self.curve.curve()},
+            "early_stage": {"served_by": early, "signals": list(m.memer_signals)},
+            "freshness": {"event_to_version_s": percentiles(np.concatenate([x[0] for x in lat])),
+                          "announce_to_servable_s": percentiles(np.concatenate([x[1] for x in lat]))}}
+        info["publish_s"] = round(time.monotonic() - started, 3)  # export and gathers; the write follows
+        extra = {EARLY_FILE: lambda path: np.savez(path, ids=items, counts=counts[items], **variants),
+                 "seen.npz": lambda path: np.savez(path, pairs=np.unique(pairs, axis=0))}
+        if m.memer_signals:
+            centroids = (self.clusters[0].centroids, self.clusters[1].centroids)
+            info["mapping"] = save_mapping(self.engine.module, m, self.maturity, centroids, rows, self.run_dir / f".{MAPPING_FILE}.rank0")
+            extra[MAPPING_FILE] = lambda path: (self.run_dir / f".{MAPPING_FILE}.rank0").replace(path)
+        pub = self.publisher.publish(items, item_vecs, users, user_vecs, info, extra)
+        if pub is None:
+            return {}
+        log.info("published index v%d: %d items (%d mature, M=%d), %d users, step %d; freshness p50 %s s", pub.version,
+                 len(items), info["mature_items"], self.maturity, len(users), self.step,
+                 info["freshness"]["event_to_version_s"].get("p50"))
+        return {"version": pub.version}
 
     def checkpoint(self, metrics: dict) -> None:
         """Sparse shards (torch.distributed.checkpoint), dense engine (DeepSpeed) and Kafka
@@ -308,6 +385,7 @@ class Worker:
                      fresh=untrained, waiting=self._waiting_rows())
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
                 "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step, "world": self.world,
+                "maturity": self.maturity,
                 "stats": {"consumed": self.stream.stats.consumed, "malformed": self.stream.stats.malformed},
                 "trained": self.positives_trained}))
             if self.rank == 0:  # every rank reads every announcement: rank 0's view stands for all
@@ -344,11 +422,11 @@ class Worker:
             buffers = np.load(d / f"buffers-rank{o}.npz")
             for name, target in (("fresh", self.fresh), ("waiting", None)):
                 rows = buffers[name]
-                for u, i, p, off in rows[np.isin(rows[:, 2], self.parts)].tolist():
+                for u, i, p, off, e in rows[np.isin(rows[:, 2], self.parts)].tolist():
                     if target is None:
-                        self.waiting[i].append((u, p, off))
+                        self.waiting[i].append((u, p, off, e))
                     else:
-                        target.append((u, i, p, off))
+                        target.append((u, i, p, off, e))
             sharers = [r for r in range(self.world) if o % self.world == r or r % old_world == o]
             if self.rank in sharers:  # more workers than before: old replay windows are split between them
                 self.replay.add(buffers["replay"][sharers.index(self.rank)::len(sharers)])
@@ -362,8 +440,9 @@ class Worker:
                 restored.trained += st.get("trained", 0)
         self.fresh.sort(key=lambda r: (r[3], r[2]))  # oldest first, as they were consumed
         restored.trained_floor = trained_through(restored.offsets, np.concatenate(
-            [np.array(self.fresh, np.int64).reshape(-1, 4), self._waiting_rows()]))
+            [np.array(self.fresh, np.int64).reshape(-1, 5), self._waiting_rows()]))
         self.step = max(st["step"] for st in streams)
+        self.maturity = streams[0].get("maturity", self.maturity)
         c = np.load(d / "clusters.npz")
         self.clusters = (ClusterModel(c["frame"]), ClusterModel(c["text"]))
         content = np.load(d / "content.npz")

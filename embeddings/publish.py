@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -91,9 +92,11 @@ class IndexPublisher:
         return None
 
     def publish(self, item_ids: np.ndarray, item_vecs: np.ndarray, user_ids: np.ndarray, user_vecs: np.ndarray,
-                info: dict) -> Published | None:
+                info: dict, extra: dict[str, Callable[[Path], None]] | None = None) -> Published | None:
         """Writes the next version; None (and a logged reason) when `info` is older than the latest's
-        (after a restore from a checkpoint older than the last publication)."""
+        (after a restore from a checkpoint older than the last publication). `extra` maps more
+        file names to functions that write them (the MEMER mapping, early-stage vectors); they are
+        checksummed like the index."""
         why = self._older(info)
         if why:
             log.warning("not publishing: version %s is newer (%s)", self.next_version() - 1, why)
@@ -107,6 +110,8 @@ class IndexPublisher:
         faiss.write_index(build_index(item_vecs, item_ids, self.factory), str(tmp / INDEX_FILE))
         np.save(tmp / ITEMS_FILE, item_ids.astype(np.int64))
         np.savez(tmp / USERS_FILE, ids=user_ids.astype(np.int64), vectors=user_vecs.astype(np.float32))
+        for name, write in (extra or {}).items():
+            write(tmp / name)
         manifest = {
             "version": version,
             "wall_time": time.time(),
@@ -115,7 +120,7 @@ class IndexPublisher:
             "dim": int(item_vecs.shape[1]),
             "index_factory": self.factory,
             **info,
-            "checksums": {f: sha256(tmp / f) for f in (INDEX_FILE, ITEMS_FILE, USERS_FILE)},
+            "checksums": {f: sha256(tmp / f) for f in (INDEX_FILE, ITEMS_FILE, USERS_FILE, *(extra or {}))},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         final = self.root / f"v{version:06d}"

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -32,6 +33,7 @@ class LoadedVersion:
     item_ids: np.ndarray
     user_rows: dict[int, int]
     user_vectors: np.ndarray
+    extras: dict = field(default_factory=dict)  # what a caller attaches while preparing it (see refresh)
 
 
 class IndexReader:
@@ -50,8 +52,9 @@ class IndexReader:
     def current(self) -> LoadedVersion | None:
         return self._current
 
-    def refresh(self) -> bool:
-        """Loads the version LATEST points to if it is newer; True when it swapped."""
+    def refresh(self, prepare: Callable[[Path, LoadedVersion], None] | None = None) -> bool:
+        """Loads the version LATEST points to if it is newer; True when it swapped. `prepare(path, loaded)`
+        runs before the swap, so a request never sees the new version half ready."""
         try:
             name = (self.root / LATEST).read_text().strip()
         except FileNotFoundError:
@@ -79,6 +82,8 @@ class IndexReader:
             manifest["version"], manifest, index, gpu_index, np.load(path / ITEMS_FILE),
             {int(u): r for r, u in enumerate(users["ids"])}, users["vectors"],
         )
+        if prepare is not None:
+            prepare(path, loaded)
         with self._lock:
             self._current = loaded
         log.info("serving index version %d (%d items)", loaded.version, len(loaded.item_ids))

@@ -232,7 +232,8 @@ class InteractionStream:
             for rec in records:
                 self.stats.consumed += 1
                 try:
-                    out.append(decode_interaction(rec.value, self.max_users, self.max_items, tp.partition, rec.offset))
+                    out.append(decode_interaction(rec.value, self.max_users, self.max_items, tp.partition, rec.offset,
+                                                      rec.timestamp / 1000.0))
                 except Exception as exc:  # noqa: BLE001 - no record may crash the consumer: all go to the DLQ
                     self.stats.malformed += 1
                     self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))
@@ -282,7 +283,7 @@ class ItemFeed:
             for rec in records:
                 self.stats.consumed += 1
                 try:
-                    out.append(decode_announcement(rec.value, self.max_items))
+                    out.append(decode_announcement(rec.value, self.max_items, rec.timestamp / 1000.0))
                 except Exception as exc:  # noqa: BLE001 - as above
                     self.stats.malformed += 1
                     self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))

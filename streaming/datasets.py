@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streaming.schema import EVENT_TYPES
+from streaming.shards import item_text
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -55,7 +56,7 @@ class Dataset:
 
     def text(self, item: str) -> str:
         meta = self.items.get(item)
-        return f"{meta.title} {' '.join(meta.tags)}".strip() if meta else ""
+        return item_text(meta.title, meta.tags) if meta else ""
 
     def images(self, item: str) -> list[Path]:
         if self.images_dir is None:

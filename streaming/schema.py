@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 # A record's size and nesting are capped before and after parsing: a 100 kB run of "[" once
 # escaped as a RecursionError and killed the worker on every retry. Both streams carry flat,
@@ -34,6 +34,8 @@ class Interaction:
     # checkpoint and a manifest say up to which offset every event has been trained.
     partition: int = field(default=-1, compare=False)
     offset: int = field(default=-1, compare=False)
+    # When the broker took it (the record's timestamp, seconds): freshness is measured from here.
+    kafka_ts: float = field(default=0.0, compare=False)
 
     @property
     def positive(self) -> bool:
@@ -51,9 +53,10 @@ class ItemAnnouncement:
     item_id: int
     shard_url: str
     ts: float
+    kafka_ts: float = field(default=0.0, compare=False)  # as for Interaction; not part of the message
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps({"item_id": self.item_id, "shard_url": self.shard_url, "ts": self.ts}, separators=(",", ":")).encode()
 
 
 def _int_field(obj: dict, name: str, upper: int) -> int:
@@ -103,7 +106,8 @@ def _json_object(raw: bytes | None) -> dict:
     return obj
 
 
-def decode_interaction(raw: bytes | None, max_users: int, max_items: int, partition: int = -1, offset: int = -1) -> Interaction:
+def decode_interaction(raw: bytes | None, max_users: int, max_items: int, partition: int = -1, offset: int = -1,
+                       kafka_ts: float = 0.0) -> Interaction:
     """Parse and validate one event; ids must fit the embedding tables they index."""
     obj = _json_object(raw)
     event = obj.get("event")
@@ -116,12 +120,14 @@ def decode_interaction(raw: bytes | None, max_users: int, max_items: int, partit
         ts=_float_field(obj, "ts"),
         partition=partition,
         offset=offset,
+        kafka_ts=kafka_ts,
     )
 
 
-def decode_announcement(raw: bytes | None, max_items: int) -> ItemAnnouncement:
+def decode_announcement(raw: bytes | None, max_items: int, kafka_ts: float = 0.0) -> ItemAnnouncement:
     obj = _json_object(raw)
     url = obj.get("shard_url")
     if not isinstance(url, str) or not url:
         raise MalformedMessage(f"field 'shard_url' must be a non-empty string, got {url!r}")
-    return ItemAnnouncement(item_id=_int_field(obj, "item_id", max_items), shard_url=url, ts=_float_field(obj, "ts"))
+    return ItemAnnouncement(item_id=_int_field(obj, "item_id", max_items), shard_url=url, ts=_float_field(obj, "ts"),
+                            kafka_ts=kafka_ts)

@@ -55,7 +55,12 @@ def encode_png(pixels: np.ndarray) -> tuple[bytes, str]:
     return buf.getvalue(), "png"
 
 
-def _to_frames(images: list[bytes], n_frames: int, size: int) -> np.ndarray:
+def item_text(title: str, tags: list[str]) -> str:
+    """The text an item's encoder reads: its title, then its tags."""
+    return f"{title} {' '.join(tags)}".strip()
+
+
+def decode_frames(images: list[bytes], n_frames: int, size: int) -> np.ndarray:
     """Decodes, resizes to size x size, and repeats/truncates to n_frames (a clip of fixed length)."""
     decoded = []
     for data in images:
@@ -79,7 +84,7 @@ def read_shard(url: str, n_frames: int, size: int) -> dict[int, ItemContent]:
         meta = json.loads(sample["json"]) if "json" in sample else {}
         item_id = int(meta.get("item_id", sample["__key__"]))
         frame_keys = sorted(k for k in sample if k.startswith("frame") and k.endswith(IMAGE_EXTS))
-        frames = _to_frames([sample[k] for k in frame_keys], n_frames, size)
+        frames = decode_frames([sample[k] for k in frame_keys], n_frames, size)
         text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else ""
         out[item_id] = ItemContent(item_id, frames, bool(frame_keys), text, meta)
     return out

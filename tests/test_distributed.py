@@ -129,7 +129,8 @@ def test_bf16_dense_engine_takes_fp32_sparse_rows():
     frames = torch.randint(0, 255, (3, CFG.frames, CFG.frame_size, CFG.frame_size, 3), dtype=torch.uint8)
     tokens = torch.randint(1, CFG.text_vocab, (3, CFG.text_len))
     rows = [torch.randn(3, e, requires_grad=True) for _ in range(4)]
-    users, items = m(*rows, frames, tokens, torch.ones(3), torch.ones(3))
-    assert users.dtype == items.dtype == torch.float32
-    (users * items).sum().backward()
+    memer = (torch.arange(3), torch.rand(3), torch.ones(3), torch.ones(3, len(CFG.memer_signals)))
+    users, items, memer_loss = m(*rows, frames, tokens, torch.ones(3), torch.ones(3), memer)
+    assert users.dtype == items.dtype == memer_loss.dtype == torch.float32 and memer_loss > 0
+    ((users * items).sum() + memer_loss).backward()
     assert all(r.grad is not None and r.grad.dtype == torch.float32 for r in rows)  # fused optimizers get fp32 grads

@@ -146,6 +146,11 @@ def test_eval_protocol_on_a_movielens_slice(tmp_path):
     assert out["run"]["rows_skipped"] == 1 and out["run"]["train_steps"] > 0
     assert out["warm"]["auc"] > 0.6  # trained on warm items: far above chance
     assert (tmp_path / "ev" / "eval.md").exists() and (tmp_path / "ev" / "eval.png").exists()
+    early = out["early_stage"]  # MEMER's protocol: mature training items embedded again as if new
+    assert set(early["auc"]) == {"mature", "random", "global_avg", "tag_avg", "content_only", "memer"}
+    assert early["auc"]["mature"] > 0.6 and early["pairs"] > 0 and abs(early["auc"]["global_avg"] - 0.5) < 1e-9
+    assert set(early["relaimpr"]) == set(early["auc"]) - {"mature"}
+    assert out["transition"]["bins"][0]["bin"] == "0" and (tmp_path / "ev" / "transition.png").exists()
 
 
 def test_impossible_partition_setups_stop_at_start(tmp_path, broker):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
+from streaming.schema import EVENT_TYPES
 from trainer.config import ModelConfig
 from trainer.model import FEATURES
 from trainer.text import tokenize
@@ -111,10 +112,15 @@ class Batch:
     item_log_q: torch.Tensor  # [B] log share of positives that went to this example's item
     user_log_q: torch.Tensor  # [B] ... and to this example's user
     content: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the store's tensors when the batch was built
+    # MEMER's inputs: labels [B, S] per example and signal; per distinct item, mature [U] in {0,1}
+    # (only mature items teach the mapping) and the stage freq [U] the decoder is told
+    labels: torch.Tensor
+    mature: torch.Tensor
+    freq: torch.Tensor
     seq: int = -1  # numbered by whoever builds batches, to track which are not yet trained
 
     # what travels host -> device with the batch (the content is on the device already)
-    MOVED = ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q")
+    MOVED = ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q", "labels", "mature", "freq")
 
     def _map(self, fn) -> "Batch":
         return Batch(**{f.name: fn(getattr(self, f.name)) if f.name in self.MOVED else getattr(self, f.name) for f in fields(self)})
@@ -152,12 +158,25 @@ def log_share(counts: np.ndarray, ids: np.ndarray, total: int | None = None) -> 
     return torch.from_numpy(np.log(c / max(total, 1)).astype(np.float32))
 
 
+def signal_labels(events: np.ndarray, signals: list[str]) -> np.ndarray:
+    """[B, S] float32: 1 where example b's event counts for signal s ('positive': any positive event)."""
+    codes = np.asarray(events, np.int64)
+    if not signals:
+        return np.zeros((len(codes), 0), np.float32)
+    return np.stack([np.ones(len(codes), bool) if s == "positive" else codes == EVENT_TYPES.index(s) for s in signals], 1
+                    ).astype(np.float32).reshape(len(codes), len(signals))
+
+
 def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_keep_prob: float, rng: np.random.Generator,
-               item_positives: np.ndarray, user_positives: np.ndarray) -> Batch:
-    """item_positives / user_positives: positives seen so far per item / user (for the logQ correction)."""
+               item_positives: np.ndarray, user_positives: np.ndarray, events: np.ndarray | None = None,
+               signals: list[str] = (), mature: np.ndarray | None = None) -> Batch:
+    """item_positives / user_positives: positives seen so far per item / user (for the logQ correction).
+    events: the event code (index in EVENT_TYPES) per example; mature: per item id, whether MEMER may
+    learn from it. The stage MEMER's decoder is told in training is drawn at random (see trainer.memer)."""
     uniq, index = np.unique(items, return_inverse=True)
     slots = store.slots(uniq)
     total = int(item_positives.sum())
+    events = np.full(len(items), EVENT_TYPES.index("like")) if events is None else events
     return Batch(
         kjt=_kjt(len(users), users, uniq, store.frame_cluster[slots], store.text_cluster[slots]),
         user_ids=torch.from_numpy(users.astype(np.int64)),
@@ -168,12 +187,21 @@ def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_kee
         item_log_q=log_share(item_positives, items, total),
         user_log_q=log_share(user_positives, users, total),
         content=store.content(),
+        labels=torch.from_numpy(signal_labels(events, list(signals))),
+        mature=torch.from_numpy(np.zeros(len(uniq), np.float32) if mature is None else mature[uniq].astype(np.float32)),
+        freq=torch.from_numpy(rng.random(len(uniq)).astype(np.float32)),
     )
 
 
 def item_kjt(store: ContentStore, items: np.ndarray) -> KeyedJaggedTensor:
     slots = store.slots(items)
     return _kjt(len(items), np.zeros(0, np.int64), items, store.frame_cluster[slots], store.text_cluster[slots])
+
+
+def cluster_kjt(n_frame: int, n_text: int) -> KeyedJaggedTensor:
+    """Every cluster id of both modalities: to read the cluster tables out for publication."""
+    empty = np.zeros(0, np.int64)
+    return _kjt(max(n_frame, n_text), empty, empty, np.arange(n_frame), np.arange(n_text))
 
 
 def user_kjt(users: np.ndarray) -> KeyedJaggedTensor:

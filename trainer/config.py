@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from streaming.schema import POSITIVE_EVENTS
+
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -23,10 +25,21 @@ class ModelConfig(BaseModel):
     text_len: int = Field(16, ge=2)
     temperature: float = Field(0.1, gt=0)
     id_dropout: float = Field(0.5, ge=0, le=1, description="share of training items seen without their ID embedding, so the content path learns to stand alone")
-    maturity_threshold: int = Field(5, ge=0, description="interactions before an item's ID embedding is used in the served vector")
+    maturity_threshold: int = Field(5, ge=0, description="interactions before an item's ID embedding is used in the served "
+                                    "vector, until the embedding-stability curve has measured M (see maturity_epsilon)")
+    maturity_epsilon: float = Field(0.02, gt=0, lt=2, description="M is the interaction count from which the median "
+                                    "drift (1 - cosine) of an item's embedding between versions stays below this")
+    memer_signals: list[str] = Field(["positive", "play"], description="one MEMER mapping per signal: 'positive' (any "
+                                     "positive event) or an event type; the first serves early-stage items; [] turns MEMER off")
+    memer_hidden: int = Field(128, ge=4)
+    memer_weights: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="alpha, beta, gamma of MEMER's "
+                                                      "eq. 11: Wasserstein, reconstruction, interaction BCE")
 
     @model_validator(mode="after")
     def _shapes(self) -> "ModelConfig":
+        bad = [s for s in self.memer_signals if s != "positive" and s not in POSITIVE_EVENTS]
+        if bad or len(set(self.memer_signals)) != len(self.memer_signals):
+            raise ValueError(f"memer_signals={self.memer_signals}: each must be 'positive' or one of {sorted(POSITIVE_EVENTS)}, once")
         if self.frame_size % self.patch:
             raise ValueError(f"frame_size={self.frame_size} must be a multiple of patch={self.patch}")
         if self.d_model % self.heads:

@@ -55,3 +55,14 @@ def score_metrics(scores: np.ndarray, positive: np.ndarray, valid: np.ndarray, u
             aucs.append(below.sum() / (len(ps) * len(ns)))
     out["auc"] = float(np.mean(aucs)) if aucs else 0.0
     return out
+
+
+def pooled_auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """P(a positive pair outscores a negative one), ties counting half: the classifier AUC over
+    pooled (user, item) pairs that MEMER reports."""
+    pos, neg = np.asarray(positive_scores, np.float64), np.sort(np.asarray(negative_scores, np.float64))
+    if len(pos) == 0 or len(neg) == 0:
+        return 0.5
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * ties).sum() / (len(pos) * len(neg)))

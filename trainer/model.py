@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from trainer.config import ModelConfig
+from trainer.memer import Memer
 
 USER, ITEM, FRAME_CLUSTER, TEXT_CLUSTER = "user_id", "item_id", "frame_cluster", "text_cluster"
 FEATURES = (USER, ITEM, FRAME_CLUSTER, TEXT_CLUSTER)
@@ -105,7 +106,7 @@ class TextEncoder(nn.Module):
 
 
 class DenseArch(nn.Module):
-    """Content encoders and both towers; returns unit-norm fp32 user and item vectors.
+    """Content encoders, both towers and MEMER's early-stage mapping; returns unit-norm fp32 vectors.
 
     Its inputs arrive in fp32 (the sparse lookups keep fp32 rows); each entry point casts
     them once to the engine's dtype (bf16 under DeepSpeed's bf16 mode), and the outputs go
@@ -115,11 +116,13 @@ class DenseArch(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, e = cfg.d_model, cfg.embedding_dim
+        self.temperature, self.memer_weights = cfg.temperature, tuple(cfg.memer_weights)
         self.frames = FrameEncoder(cfg)
         self.text = TextEncoder(cfg)
         self.fuse = nn.Sequential(nn.Linear(2 * d + 2 * e, 2 * e), nn.GELU(), nn.Linear(2 * e, e))
         self.id_proj = nn.Linear(e, e, bias=False)
         self.user_mlp = nn.Sequential(nn.Linear(e, e), nn.GELU(), nn.Linear(e, e))
+        self.memer = Memer(d, e, cfg.memer_hidden, cfg.memer_signals) if cfg.memer_signals else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,13 +132,33 @@ class DenseArch(nn.Module):
         user_emb = user_emb.to(self.dtype)
         return F.normalize((user_emb + self.user_mlp(user_emb)).float(), dim=-1)
 
+    def content_features(self, frames: torch.Tensor, tokens: torch.Tensor, has_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame and text encoders' outputs: what both the item tower and MEMER start from."""
+        return self.frames(frames) * has_frames.to(self.dtype).unsqueeze(1), self.text(tokens)
+
+    def item_parts(self, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames):
+        """(content part, ID part, MEMER's fused features or None), before they are combined."""
+        item_emb, frame_cluster_emb, text_cluster_emb = (t.to(self.dtype) for t in (item_emb, frame_cluster_emb, text_cluster_emb))
+        z_frames, z_text = self.content_features(frames, tokens, has_frames)
+        content = self.fuse(torch.cat([z_frames, z_text, frame_cluster_emb, text_cluster_emb], 1))
+        feat = (self.memer.features(z_frames.detach(), z_text.detach(), content.detach(), has_frames)
+                if self.memer is not None else None)
+        return content, self.id_proj(item_emb), feat
+
     def item_vector(self, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep) -> torch.Tensor:
         """id_keep [N] in {0,1}: 0 serves the item from content alone (cold or dropped)."""
-        item_emb, frame_cluster_emb, text_cluster_emb, has_frames, id_keep = (
-            t.to(self.dtype) for t in (item_emb, frame_cluster_emb, text_cluster_emb, has_frames, id_keep))
-        z_frames = self.frames(frames) * has_frames.unsqueeze(1)
-        content = self.fuse(torch.cat([z_frames, self.text(tokens), frame_cluster_emb, text_cluster_emb], 1))
-        return F.normalize((content + self.id_proj(item_emb) * id_keep.unsqueeze(1)).float(), dim=-1)
+        content, id_part, _ = self.item_parts(item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames)
+        return F.normalize((content + id_part * id_keep.to(self.dtype).unsqueeze(1)).float(), dim=-1)
 
-    def forward(self, user_emb, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep):
-        return self.user_vector(user_emb), self.item_vector(item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep)
+    def forward(self, user_emb, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep,
+                memer_inputs: tuple[torch.Tensor, ...] | None = None):
+        """(user vectors, item vectors, MEMER loss). memer_inputs = (item_index, freq, mature, labels), see `Memer.loss`."""
+        users = self.user_vector(user_emb)
+        content, id_part, feat = self.item_parts(item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames)
+        items = F.normalize((content + id_part * id_keep.to(self.dtype).unsqueeze(1)).float(), dim=-1)
+        if self.memer is None or memer_inputs is None:
+            return users, items, users.new_zeros(())
+        item_index, freq, mature, labels = memer_inputs
+        mature_vecs = F.normalize((content + id_part).float(), dim=-1).detach()
+        loss = self.memer.loss(feat, mature_vecs, freq, mature, users.detach(), item_index, labels, self.temperature, self.memer_weights)
+        return users, items, loss

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from trainer.batch import Batch, ContentStore, gather_content, item_kjt, user_kjt
+from trainer.batch import Batch, ContentStore, cluster_kjt, gather_content, item_kjt, user_kjt
 from trainer.losses import in_batch_softmax_loss
 from trainer.model import FRAME_CLUSTER, ITEM, TEXT_CLUSTER, USER
 
@@ -25,8 +26,11 @@ class TrainStep:
         b = batch.to(self.device)
         frames, tokens, has_frames = gather_content(b.content, b.slots)
         emb = self.sparse(b.kjt)
-        users, items = self.engine(emb[USER], emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames, b.id_keep)
+        memer = (b.item_index, b.freq, b.mature, b.labels) if b.labels.shape[1] else None
+        users, items, memer_loss = self.engine(emb[USER], emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens,
+                                               has_frames, b.id_keep, memer)
         loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature, b.item_log_q, b.user_log_q)
+        loss = loss + memer_loss
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
@@ -44,26 +48,34 @@ def _chunks(ids: np.ndarray, rank: int, world: int, size: int) -> list[np.ndarra
 
 
 @torch.no_grad()
-def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, user_ids: np.ndarray, mature: np.ndarray,
-                   device: torch.device, chunk: int = 256, group: dist.ProcessGroup | None = None) -> tuple[np.ndarray, np.ndarray]:
+def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, user_ids: np.ndarray, stages: np.ndarray,
+                   device: torch.device, chunk: int = 256, group: dist.ProcessGroup | None = None
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Unit vectors for the given items and users, computed by all ranks together.
 
-    `mature[k]` says whether item_ids[k] has enough interactions to trust its ID
-    embedding; immature items are served from content alone. Every rank returns the
-    full result (gathered), in the order of the ids given. All ranks must pass the
-    same ids. `group` carries the object gather (a gloo group: the vectors travel as host arrays).
+    Per item, every variant the publisher may serve: "full" (content + ID embedding: a mature
+    item), "content" (content alone), and per MEMER signal s "early_s" (the mapping at the
+    item's stage, `stages[k]` in [0, 1]). Every rank returns the full result (gathered), in the
+    order of the ids given. All ranks must pass the same ids. `group` carries the object gather
+    (a gloo group: the vectors travel as host arrays).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = dense.training
     dense.eval()
-    mature_of = dict(zip(item_ids.tolist(), mature.tolist()))
-    item_out: dict[int, np.ndarray] = {}
+    stage_of = dict(zip(item_ids.tolist(), stages.tolist()))
+    names: list[str] = []
+    item_out: dict[int, np.ndarray] = {}  # item -> [variants, D]
     for part in _chunks(item_ids, rank, world, chunk):
         emb = sparse(item_kjt(store, part).to(device))
         frames, tokens, has_frames = (t.to(device) for t in gather_content(store.content(), torch.from_numpy(store.slots(part))))
-        keep = torch.tensor([float(mature_of[int(i)]) for i in part], device=device)
-        vec = dense.item_vector(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames, keep)
-        item_out.update(zip(part.tolist(), vec.float().cpu().numpy()))
+        content, id_part, feat = dense.item_parts(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames)
+        variants = {"full": F.normalize((content + id_part).float(), dim=-1), "content": F.normalize(content.float(), dim=-1)}
+        if dense.memer is not None:
+            freq = torch.tensor([stage_of[int(i)] for i in part], device=device)
+            variants |= {f"early_{s}": v for s, v in dense.memer.early(feat, freq).items()}
+        names = list(variants)
+        stacked = torch.stack(list(variants.values()), 1).cpu().numpy()
+        item_out.update(zip(part.tolist(), stacked))
     user_out: dict[int, np.ndarray] = {}
     for part in _chunks(user_ids, rank, world, 4 * chunk):
         vec = dense.user_vector(sparse(user_kjt(part).to(device))[USER])
@@ -75,7 +87,15 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
             item_out.update(items_part)
             user_out.update(users_part)
     dense.train(was_training)
-    dim = next(iter(item_out.values())).shape[0]
-    items = np.stack([item_out[int(i)] for i in item_ids]) if len(item_ids) else np.zeros((0, dim), np.float32)
+    dim = next(iter(user_out.values())).shape[0] if user_out else next(iter(item_out.values())).shape[-1]
+    stacked = np.stack([item_out[int(i)] for i in item_ids]) if len(item_ids) else np.zeros((0, len(names), dim), np.float32)
+    items = {n: stacked[:, k].astype(np.float32) for k, n in enumerate(names)}
     users = np.stack([user_out[int(u)] for u in user_ids]) if len(user_ids) else np.zeros((0, dim), np.float32)
-    return items.astype(np.float32), users.astype(np.float32)
+    return items, users.astype(np.float32)
+
+
+@torch.no_grad()
+def cluster_rows(sparse, n_frame: int, n_text: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """The trained cluster embeddings (frames [n_frame, D], text [n_text, D]); a collective lookup."""
+    emb = sparse(cluster_kjt(n_frame, n_text).to(device))
+    return emb[FRAME_CLUSTER].float().cpu().numpy(), emb[TEXT_CLUSTER].float().cpu().numpy()

@@ -1,0 +1,145 @@
+"""MEMER's evaluation protocol (paper 004, section 3.1) and the cold-to-warm transition,
+both from a published version directory.
+
+Early stage: test items that are mature in training are embedded again as if they were
+new, by each initialisation method, and scored against the users' vectors. AUC is
+pooled over (user, item) pairs: every warm test positive on such an item against one
+sampled item of the same set the user never interacted with (sampled negatives work on
+any dataset, explicit negatives or not). RelaImpr = (AUC - 0.5) / (AUC_mature - 0.5).
+
+Transition: Recall@20 of items grouped by the interactions they had in training
+(0, 1-2, 3-5, ...), ranked within their group, with the published mapping serving the
+items below the maturity threshold M and without it (content alone, the old path).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from embeddings.mapping import MAPPING_FILE, EarlyStageMapper
+from streaming.shards import read_shard
+from trainer import baselines
+from trainer.evaluation import pooled_auc, score_metrics
+
+COUNT_BINS = [(0, 0), (1, 2), (3, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 10**9)]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
+
+
+def remap(version_dir: Path, items: np.ndarray, shard_dir: Path, counts: np.ndarray | None = None) -> np.ndarray | None:
+    """The published mapping's embedding of each item from its shard content, at the given
+    interaction counts (0: as if new); None when the version has no mapping."""
+    if not (version_dir / MAPPING_FILE).exists():
+        return None
+    mapper = EarlyStageMapper.load(version_dir)
+    cfg = mapper.cfg
+    content = {}
+    for url in sorted({p.resolve().as_uri() for p in shard_dir.glob("*.tar")}):
+        content.update(read_shard(url, cfg.frames, cfg.frame_size))
+    blank = np.zeros((cfg.frames, cfg.frame_size, cfg.frame_size, 3), np.uint8)
+    frames = np.stack([content[i].frames if i in content else blank for i in items.tolist()])
+    has = np.array([float(content[i].has_frames) if i in content else 0.0 for i in items.tolist()])
+    texts = [content[i].text if i in content else "" for i in items.tolist()]
+    counts = np.zeros(len(items)) if counts is None else counts
+    return np.concatenate([mapper.embed_content(frames[s:s + 256], has[s:s + 256], texts[s:s + 256], counts[s:s + 256])
+                           for s in range(0, len(items), 256)]) if len(items) else np.zeros((0, cfg.embedding_dim), np.float32)
+
+
+def early_stage(version_dir: Path, users: dict[int, np.ndarray], test_pos: dict[int, set[int]], seen: dict[int, set[int]],
+                tags: dict[int, set[str]], shard_dir: Path, seed: int) -> dict:
+    """users: user -> vector; test_pos: user -> warm test positives; seen: user -> every item
+    they interacted with (train and test); tags: item -> tags. Returns the eval JSON's section."""
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    maturity = manifest.get("maturity", {}).get("threshold", 5)
+    e = np.load(version_dir / "early.npz")
+    mature_ids = e["ids"][e["counts"] >= maturity]
+    row = {int(i): k for k, i in enumerate(mature_ids)}
+    rng = np.random.default_rng(seed)
+    pos_pairs, neg_pairs = [], []
+    for u, items in test_pos.items():
+        if u not in users:
+            continue
+        for i in items:
+            if i in row:
+                j = int(rng.choice(mature_ids))
+                for _ in range(20):  # a mature item the user never touched
+                    if j not in seen.get(u, ()) and j != i:
+                        break
+                    j = int(rng.choice(mature_ids))
+                pos_pairs.append((u, row[i]))
+                neg_pairs.append((u, row[j]))
+    if not pos_pairs:
+        return {}
+    full = e["full"][np.isin(e["ids"], mature_ids)]
+    item_tags = [tags.get(int(i), set()) for i in mature_ids]
+    leave_one_out = np.stack([baselines.tag_average_vectors(np.delete(full, k, 0), item_tags[:k] + item_tags[k + 1:], [item_tags[k]])[0]
+                              for k in range(len(full))])
+    methods = {
+        "mature": full,
+        "random": _unit(rng.normal(size=full.shape)),
+        "global_avg": baselines.global_average_vectors(full, len(full)),
+        "tag_avg": leave_one_out,
+        "content_only": e["content"][np.isin(e["ids"], mature_ids)],
+    }
+    memer = remap(version_dir, mature_ids, shard_dir)
+    if memer is not None:
+        methods["memer"] = memer
+    u_pos = np.stack([users[u] for u, _ in pos_pairs])
+    u_neg = np.stack([users[u] for u, _ in neg_pairs])
+    i_pos, i_neg = np.array([k for _, k in pos_pairs]), np.array([k for _, k in neg_pairs])
+    auc = {name: round(pooled_auc((u_pos * v[i_pos]).sum(1), (u_neg * v[i_neg]).sum(1)), 4) for name, v in methods.items()}
+    relaimpr = {name: round((a - 0.5) / max(auc["mature"] - 0.5, 1e-9), 4) for name, a in auc.items() if name != "mature"}
+    return {"auc": auc, "relaimpr": relaimpr, "maturity": maturity, "items": len(mature_ids), "pairs": len(pos_pairs)}
+
+
+def transition(version_dir: Path, users: list[int], user_vecs: np.ndarray, test_pos: dict[int, set[int]],
+               train_seen: dict[int, set[int]], counts: dict[int, int], shard_dir: Path) -> dict:
+    """Recall@20 per bin of training interactions, with and without the mapping below M."""
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    maturity = manifest.get("maturity", {}).get("threshold", 5)
+    e = np.load(version_dir / "early.npz")
+    ids = e["ids"]
+    n = np.array([counts.get(int(i), 0) for i in ids])
+    early = remap(version_dir, ids, shard_dir, n)
+    with_map = np.where((n >= maturity)[:, None], e["full"], early if early is not None else e["content"])
+    without = np.where((n >= maturity)[:, None], e["full"], e["content"])
+    out = {"maturity": maturity, "bins": []}
+    for lo, hi in COUNT_BINS:
+        cols = np.flatnonzero((n >= lo) & (n <= hi))
+        cands = ids[cols]
+        positive = np.array([[int(i) in test_pos.get(u, ()) for i in cands] for u in users]).reshape(len(users), len(cands))
+        keep = positive.any(1)
+        if len(cands) < 2 or not keep.any():
+            continue
+        valid = np.array([[int(i) not in train_seen.get(u, ()) for i in cands] for u in users])[keep]
+        kept = [u for u, k in zip(users, keep) if k]
+        point = {"bin": f"{lo}" if lo == hi else (f"{lo}+" if hi >= 10**9 else f"{lo}-{hi}"), "items": len(cands), "users": len(kept)}
+        for name, vecs in (("with_mapping", with_map), ("without_mapping", without)):
+            point[name] = round(score_metrics(user_vecs[keep] @ vecs[cols].T, positive[keep], valid, kept, cands, (20,))["recall@20"], 4)
+        out["bins"].append(point)
+    return out
+
+
+def plot_transition(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = result["bins"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(bins))
+    for name, style in (("with_mapping", "o-"), ("without_mapping", "s--")):
+        ax.plot(x, [b[name] for b in bins], style, label=name.replace("_", " "))
+    ax.set_xticks(x, [b["bin"] for b in bins])
+    ax.set(xlabel=f"interactions in training (maturity threshold M = {result['maturity']})", ylabel="recall@20 within the group",
+           title="cold-to-warm transition")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,82 @@
+"""MEMER's early-stage mapping as a published artefact: content in, an embedding out.
+
+Each version holds `mapping.pt`: the item tower's content path (frame and text
+encoders, the k-means centroids and cluster embeddings, the fusion layer), the semantic
+module and every signal's enc2 + decoder, in fp32, with the model configuration they
+were built from. `EarlyStageMapper` loads it from a version directory alone: no Ray, no
+Kafka, no training checkpoint. It is how the service embeds an item nobody has seen,
+and how the evaluation re-embeds mature items as if they were new.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from streaming.shards import decode_frames, item_text
+from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
+from trainer.config import ModelConfig
+from trainer.memer import stage
+from trainer.model import DenseArch
+from trainer.text import tokenize
+
+MAPPING_FILE = "mapping.pt"
+PARTS = ("frames", "text", "fuse", "memer")  # of DenseArch: the content path and the mapping
+
+
+def save_mapping(dense: nn.Module, cfg: ModelConfig, maturity: int, centroids: tuple[np.ndarray, np.ndarray],
+                 cluster_rows: tuple[np.ndarray, np.ndarray], path: Path) -> dict:
+    """Writes the mapping of `dense` (a DenseArch) to `path`, with the k-means centroids and cluster
+    embeddings a new item's cluster IDs come from; returns what the manifest says of it."""
+    state = {name: {k: v.detach().float().cpu() for k, v in getattr(dense, name).state_dict().items()} for name in PARTS}
+    clusters = {"frame_centroids": centroids[0], "text_centroids": centroids[1], "frame_rows": cluster_rows[0], "text_rows": cluster_rows[1]}
+    torch.save({"config": cfg.model_dump(mode="json"), "maturity": int(maturity), "state": state,
+                "clusters": {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in clusters.items()}}, path)
+    return {"file": MAPPING_FILE, "signals": list(cfg.memer_signals), "maturity": int(maturity), "frames": cfg.frames,
+            "frame_size": cfg.frame_size, "text_len": cfg.text_len, "text_vocab": cfg.text_vocab}
+
+
+class EarlyStageMapper(nn.Module):
+    """The published mapping, ready to embed items from raw images and text."""
+
+    def __init__(self, cfg: ModelConfig, maturity: int, clusters: dict[str, np.ndarray]):
+        super().__init__()
+        self.cfg, self.maturity = cfg, maturity
+        self.dense = DenseArch(cfg)  # only its content path and MEMER are loaded and used
+        self.frame_clusters, self.text_clusters = ClusterModel(clusters["frame_centroids"]), ClusterModel(clusters["text_centroids"])
+        self.frame_rows, self.text_rows = (torch.as_tensor(clusters[k]) for k in ("frame_rows", "text_rows"))
+
+    @classmethod
+    def load(cls, version_dir: str | Path) -> "EarlyStageMapper":
+        blob = torch.load(Path(version_dir) / MAPPING_FILE, map_location="cpu", weights_only=True)
+        mapper = cls(ModelConfig.model_validate(blob["config"]), blob["maturity"], {k: v.numpy() for k, v in blob["clusters"].items()})
+        for name, state in blob["state"].items():
+            getattr(mapper.dense, name).load_state_dict(state)
+        return mapper.eval()
+
+    @property
+    def signals(self) -> list[str]:
+        return self.dense.memer.signals
+
+    @torch.no_grad()
+    def embed_content(self, frames: np.ndarray, has_frames: np.ndarray, texts: list[str], counts: np.ndarray,
+                      signal: str | None = None) -> np.ndarray:
+        """frames uint8 [N, F, S, S, 3], has_frames [N], texts, interaction counts [N] -> unit
+        vectors [N, D] of `signal` (default: the first, the one the index serves)."""
+        fc = self.frame_clusters.assign(np.stack([frame_descriptor(f) for f in frames]))
+        tc = self.text_clusters.assign(np.stack([text_descriptor(t) for t in texts]))
+        tokens = np.stack([tokenize(t, self.cfg.text_vocab, self.cfg.text_len) for t in texts])
+        n = len(frames)
+        _, _, feat = self.dense.item_parts(torch.zeros(n, self.cfg.embedding_dim), self.frame_rows[fc], self.text_rows[tc],
+                                           torch.as_tensor(frames), torch.as_tensor(tokens), torch.as_tensor(has_frames, dtype=torch.float32))
+        freq = stage(torch.as_tensor(counts), self.maturity)
+        return self.dense.memer.maps[signal or self.signals[0]].early(feat, freq).numpy()
+
+    def embed(self, images: list[bytes], title: str = "", tags: list[str] = (), count: int = 0,
+              signal: str | None = None) -> np.ndarray:
+        """One item from encoded images (any format PIL reads; none is allowed) and its text.
+        Raises PIL.UnidentifiedImageError / OSError for an image that cannot be decoded."""
+        frames = decode_frames(images, self.cfg.frames, self.cfg.frame_size)
+        return self.embed_content(frames[None], np.array([float(bool(images))]), [item_text(title, list(tags))], np.array([count]), signal)[0]
