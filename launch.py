@@ -114,7 +114,9 @@ def _serve_until_interrupted(message: str) -> None:
 def _demo(cfg, args):
     from cluster.demo import demo
 
-    return demo(cfg)
+    summary = demo(cfg)
+    print(f"serve the index it published:  {summary['serve']}\nthen, from another shell:       {summary['curl']}", flush=True)
+    return summary
 
 
 def _train(cfg, args):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 
 from cluster.config import Config
 from cluster.evaluator import VersionWatcher, cold_quality
-from cluster.plots import training_curves
+from cluster.plots import maturity_curve, training_curves
 from cluster.ray_job import run_training
 from cluster.services import WorldProducer, broker_for, write_truth
 from embeddings.reader import IndexReader
@@ -52,6 +53,9 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         write_truth(producer.world, run_dir / "truth.json", cfg.world.seed)
     quality = cold_quality(reader, producer.world.eval_truth(cfg.world.seed), set(producer.world.cold_items), true_scores=producer.world.score)
     plot = training_curves(run_dir / "metrics.jsonl", watcher.history, run_dir / "curves.png")
+    maturity_plot = maturity_curve(run_dir / "index", run_dir / "maturity.png")
+    latest = reader.current.manifest if reader.current else {}
+    user = next(iter(reader.current.user_rows), 0) if reader.current else 0
     summary = {
         "events_consumed": final.get("events_consumed"),
         "dead_lettered": final.get("dead_lettered"),
@@ -74,6 +78,11 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         "oracle_recall_at_20": quality.get("oracle", {}).get("recall@20"),
         "recall_history": [round(h["model"]["recall@20"], 4) for h in watcher.history],
         "plot": str(plot),
+        "maturity_threshold": latest.get("maturity", {}).get("threshold"),
+        "maturity_plot": str(maturity_plot) if maturity_plot else None,
+        "freshness": latest.get("freshness"),
+        "serve": f"{sys.executable} launch.py serve --index {run_dir / 'index'} --port 8000",
+        "curl": f"curl 'http://127.0.0.1:8000/recommend?user_id={user}&k=5'",
         "wall_s": round(time.time() - started, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

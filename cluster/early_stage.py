@@ -123,23 +123,3 @@ def transition(version_dir: Path, users: list[int], user_vecs: np.ndarray, test_
         out["bins"].append(point)
     return out
 
-
-def plot_transition(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bins = result["bins"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = np.arange(len(bins))
-    for name, style in (("with_mapping", "o-"), ("without_mapping", "s--")):
-        ax.plot(x, [b[name] for b in bins], style, label=name.replace("_", " "))
-    ax.set_xticks(x, [b["bin"] for b in bins])
-    ax.set(xlabel=f"interactions in training (maturity threshold M = {result['maturity']})", ylabel="recall@20 within the group",
-           title="cold-to-warm transition")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

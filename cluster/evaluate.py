@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import Config
-from cluster.early_stage import early_stage, plot_transition, transition
+from cluster import plots
+from cluster.early_stage import early_stage, transition
 from cluster.ray_job import run_training
 from cluster.services import broker_for
 from embeddings.clusters import TEXT_DIM, frame_descriptor, text_descriptor
@@ -189,7 +190,8 @@ def write_report(result: dict, run_dir: Path) -> None:
         lines += [f"| {m} | {a:.4f} | {early['relaimpr'].get(m, 1.0):.3f} |" for m, a in early["auc"].items()]
     (run_dir / "eval.md").write_text("\n".join(lines) + "\n")
     if result.get("transition", {}).get("bins"):
-        plot_transition(result["transition"], run_dir / "transition.png")
+        plots.transition(result["transition"], run_dir / "transition.png")
+    plots.maturity_curve(run_dir / "index", run_dir / "maturity.png")
     fig, ax = plt.subplots(figsize=(9, 4))
     names = list(methods)
     for j, s in enumerate(("cold", "warm", "all")):

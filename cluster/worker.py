@@ -299,6 +299,8 @@ class Worker:
             done |= (times[:, 0] == part) & (times[:, 1] < through)
         self.event_times = [tuple(r) for r in times[~done].tolist()]
         events = now - times[done, 2]
+        for i in set(self.announced) & set(self.shards.skipped):  # never servable: not waited for
+            del self.announced[i]
         items = np.array([now - self.announced.pop(i) for i in list(self.announced) if i in self.store], np.float64)
         if self.rank:
             items = items[:0]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from streaming.shards import decode_frames, item_text
@@ -69,10 +70,11 @@ class EarlyStageMapper(nn.Module):
         tc = self.text_clusters.assign(np.stack([text_descriptor(t) for t in texts]))
         tokens = np.stack([tokenize(t, self.cfg.text_vocab, self.cfg.text_len) for t in texts])
         n = len(frames)
-        _, _, feat = self.dense.item_parts(torch.zeros(n, self.cfg.embedding_dim), self.frame_rows[fc], self.text_rows[tc],
+        content, _, feat = self.dense.item_parts(torch.zeros(n, self.cfg.embedding_dim), self.frame_rows[fc], self.text_rows[tc],
                                            torch.as_tensor(frames), torch.as_tensor(tokens), torch.as_tensor(has_frames, dtype=torch.float32))
         freq = stage(torch.as_tensor(counts), self.maturity)
-        return self.dense.memer.maps[signal or self.signals[0]].early(feat, freq).numpy()
+        base = F.normalize(content.float(), dim=-1)
+        return self.dense.memer.maps[signal or self.signals[0]].early(feat, freq, base).numpy()
 
     def embed(self, images: list[bytes], title: str = "", tags: list[str] = (), count: int = 0,
               signal: str | None = None) -> np.ndarray:

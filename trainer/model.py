@@ -160,5 +160,6 @@ class DenseArch(nn.Module):
             return users, items, users.new_zeros(())
         item_index, freq, mature, labels = memer_inputs
         mature_vecs = F.normalize((content + id_part).float(), dim=-1).detach()
-        loss = self.memer.loss(feat, mature_vecs, freq, mature, users.detach(), item_index, labels, self.temperature, self.memer_weights)
+        base = F.normalize(content.float(), dim=-1).detach()
+        loss = self.memer.loss(feat, base, mature_vecs, freq, mature, users.detach(), item_index, labels, self.temperature, self.memer_weights)
         return users, items, loss

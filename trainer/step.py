@@ -72,7 +72,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
         variants = {"full": F.normalize((content + id_part).float(), dim=-1), "content": F.normalize(content.float(), dim=-1)}
         if dense.memer is not None:
             freq = torch.tensor([stage_of[int(i)] for i in part], device=device)
-            variants |= {f"early_{s}": v for s, v in dense.memer.early(feat, freq).items()}
+            variants |= {f"early_{s}": v for s, v in dense.memer.early(feat, freq, variants["content"]).items()}
         names = list(variants)
         stacked = torch.stack(list(variants.values()), 1).cpu().numpy()
         item_out.update(zip(part.tolist(), stacked))
