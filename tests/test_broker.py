@@ -176,6 +176,7 @@ def test_durable_broker_survives_kills_and_outages(tmp_path, kafka_cfg):
     assert stream.stats.data_loss_incidents == 0
 
     broker._stopping.set()  # no supervisor now: an outage the consumer must notice, then recover from
+    broker._supervisor.join(5)  # else a check that began before the flag could restart Tansu beside ours (seen once on CI)
     os.kill(broker.proc.pid, signal.SIGKILL)
     deadline = time.time() + 30
     while stream.stats.outages == 0 and time.time() < deadline:
