@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--minutes", type=float, default=10.0, help="the whole run's budget, start-up and scoring included")
         if name in ("demo", "train", "eval"):
             s.add_argument("--workers", type=int)
+            s.add_argument("--address", help="join an existing Ray cluster: auto, or ray://head:10001 (default: RAY_ADDRESS, else a local one)")
             s.add_argument("--duration-s", type=float)
             s.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="force CUDA on/off (default: use it when present)")
     return p
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(
             args.config, args.overrides,
             **{"kafka.bootstrap_servers": args.bootstrap_servers, "run_name": args.run_name, "runs_dir": args.runs_dir,
-               "train.workers": getattr(args, "workers", None), "train.duration_s": getattr(args, "duration_s", None),
+               "train.workers": getattr(args, "workers", None), "train.ray_address": getattr(args, "address", None), "train.duration_s": getattr(args, "duration_s", None),
                "train.use_gpu": getattr(args, "gpu", None),
                "kafka.local_port": getattr(args, "port", None) if args.command == "broker" else None},
         )
@@ -180,7 +181,7 @@ def _replay(cfg, args):
 
     ds = load_dataset(*_dataset_paths(cfg, args))
     with broker_for(cfg) as bootstrap:
-        urls = pack_items(ds, cfg.run_dir / "shards")
+        urls = pack_items(ds, cfg.location("shards"))
         prod = EventProducer(cfg.kafka, bootstrap)
         for line in replay(ds, urls, prod.sink(), speedup=args.speedup, threshold=args.threshold):
             print(line, flush=True)

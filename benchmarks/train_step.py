@@ -10,7 +10,11 @@ On CUDA when present (one rank per GPU), else on CPU with gloo ranks. Prints one
   both optimizers) at `--full-batch`, with every item distinct-ish (drawn from a large
   catalogue), content gathered from a device-resident ContentStore;
 - `loop_examples_per_s`: the same steps fed by the project's Prefetcher (batches built on
-  its thread from raw pairs, copied on a side stream), wall clock, and its ratio to the step.
+  its thread from raw pairs, copied on a side stream), wall clock, and its ratio to the step;
+- `weak_scaling_efficiency`: the full step on N ranks against the same step on 1 rank, at the
+  same batch per rank (examples/s on N over N x examples/s on 1); and
+  `weak_scaling_efficiency_sparse_step`, the same for the sharded embedding step alone, whose
+  all-to-alls nothing hides.
 """
 from __future__ import annotations
 
@@ -180,9 +184,8 @@ def main() -> None:
     args.full_steps = args.full_steps or (50 if on_gpu else 10)
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    out = mp.Manager().dict()
-    mp.spawn(_rank, args=(world, free_port(), args, out), nprocs=world, join=True)
-    slowest = {k: max(out[r][k] for r in range(world)) for k in ("sparse_ms", "plain_ms", "full_ms", "loop_s", "step_s")}
+    out, slowest = measure(world, args)
+    one = measure(1, args)[1] if world > 1 else slowest  # weak scaling: the same per-rank batch on 1 rank
     examples = args.full_batch * world * args.full_steps
     print(json.dumps({
         "goal": "train_step", "device": out[0]["device"], "world_size": world, "precision": out[0]["precision"],
@@ -196,7 +199,20 @@ def main() -> None:
         "full_step_examples_per_s": round(args.full_batch * world / slowest["full_ms"] * 1000),
         "loop_examples_per_s": round(examples / slowest["loop_s"]),
         "loop_step_ratio": round(slowest["step_s"] / slowest["loop_s"], 3),
+        "sparse_step_ms_1rank": round(one["sparse_ms"], 2), "full_step_ms_1rank": round(one["full_ms"], 2),
+        # examples/s on N ranks over N x examples/s on 1 rank, at the same batch per rank: the training
+        # step as it runs (sparse + dense + loss), and the embedding step alone (its all-to-alls unhidden)
+        "weak_scaling_efficiency": round(one["full_ms"] / slowest["full_ms"], 3),
+        "weak_scaling_efficiency_sparse_step": round(one["sparse_ms"] / slowest["sparse_ms"], 3),
     }))
+
+
+def measure(world: int, args) -> tuple[dict, dict]:
+    """Every rank's figures, and the slowest rank's (a synchronous step is as fast as its slowest rank)."""
+    out = mp.Manager().dict()
+    mp.spawn(_rank, args=(world, free_port(), args, out), nprocs=world, join=True)
+    slowest = {k: max(out[r][k] for r in range(world)) for k in ("sparse_ms", "plain_ms", "full_ms", "loop_s", "step_s")}
+    return dict(out), slowest
 
 
 if __name__ == "__main__":

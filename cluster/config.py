@@ -14,6 +14,7 @@ from trainer.config import ModelConfig, OptimConfig
 
 class TrainLoopConfig(Strict):
     workers: int = Field(2, ge=1, description="Ray Train workers; each owns some partitions and table shards")
+    ray_address: str | None = Field(None, description="join this Ray cluster ('auto', 'ray://head:10001'); None: RAY_ADDRESS, else start a local one")
     use_gpu: bool | None = Field(None, description="None: use CUDA when present")
     precision: Literal["fp32", "bf16"] | None = Field(None, description="dense engine precision; None: bf16 on CUDA, fp32 on CPU (sparse rows stay fp32)")
     prefetch_batches: int = Field(4, ge=1, description="batches the input thread may build ahead of the step (bounds its memory)")
@@ -32,11 +33,16 @@ class TrainLoopConfig(Strict):
 class PublishConfig(Strict):
     keep_versions: int = Field(3, ge=1)
     index_factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat")
+    rebase_every: int = Field(10, ge=1, description="a full base every this many versions; delta segments between")
+    rebase_fraction: float = Field(0.2, gt=0, description="a base also when the rows changed since the last one exceed this share of the catalogue")
 
 
 class Config(Strict):
     run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
     runs_dir: Path = Path("runs")
+    storage: str | None = Field(None, pattern=r"^s3://[a-z0-9.-]+(/.*)?$",
+                                description="s3://bucket/prefix: shards, checkpoints and the index live there (for runs across "
+                                            "machines); None: under the run directory")
     kafka: KafkaConfig = KafkaConfig()
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
@@ -55,6 +61,10 @@ class Config(Strict):
     @property
     def run_dir(self) -> Path:
         return (self.runs_dir / self.run_name).resolve()
+
+    def location(self, what: str) -> str | Path:
+        """Where 'shards', 'index' or 'ray' (checkpoints) live: under `storage` when set, else the run directory."""
+        return f"{self.storage.rstrip('/')}/{self.run_name}/{what}" if self.storage else self.run_dir / what
 
 
 class ConfigError(SystemExit):

@@ -34,7 +34,7 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         producer.initial_done.wait()
         if producer.error:
             raise producer.error
-        reader = IndexReader(run_dir / "index")
+        reader = IndexReader(cfg.location("index"), cache=run_dir / "index-cache")
         truth: dict[int, list[int]] = {}
 
         def score() -> dict:
@@ -53,7 +53,7 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         write_truth(producer.world, run_dir / "truth.json", cfg.world.seed)
     quality = cold_quality(reader, producer.world.eval_truth(cfg.world.seed), set(producer.world.cold_items), true_scores=producer.world.score)
     plot = training_curves(run_dir / "metrics.jsonl", watcher.history, run_dir / "curves.png")
-    maturity_plot = maturity_curve(run_dir / "index", run_dir / "maturity.png")
+    maturity_plot = maturity_curve(reader.root, run_dir / "maturity.png")
     latest = reader.current.manifest if reader.current else {}
     user = next(iter(reader.current.user_rows), 0) if reader.current else 0
     summary = {
@@ -68,7 +68,7 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         "precision": final.get("precision"),
         "final_loss": final.get("final_loss"),
         "index_versions": reader.version,
-        "index_dir": str(run_dir / "index"),
+        "index_dir": str(cfg.location("index")),
         "cold_items": quality.get("cold_items"),
         "eval_users": quality.get("users"),
         "cold_recall_at_20": quality.get("model", {}).get("recall@20"),
@@ -81,7 +81,7 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         "maturity_threshold": latest.get("maturity", {}).get("threshold"),
         "maturity_plot": str(maturity_plot) if maturity_plot else None,
         "freshness": latest.get("freshness"),
-        "serve": f"{sys.executable} launch.py serve --index {run_dir / 'index'} --port 8000",
+        "serve": f"{sys.executable} launch.py serve --index {cfg.location('index')} --port 8000",
         "curl": f"curl 'http://127.0.0.1:8000/recommend?user_id={user}&k=5'",
         "wall_s": round(time.time() - started, 1),
     }

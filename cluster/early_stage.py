@@ -14,12 +14,13 @@ items below the maturity threshold M and without it (content alone, the old path
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from embeddings.mapping import MAPPING_FILE, EarlyStageMapper
-from streaming.shards import read_shard
+from streaming.shards import ItemContent, read_shard
 from trainer import baselines
 from trainer.evaluation import pooled_auc, score_metrics
 
@@ -30,32 +31,49 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
 
 
-def remap(version_dir: Path, items: np.ndarray, shard_dir: Path, counts: np.ndarray | None = None) -> np.ndarray | None:
-    """The published mapping's embedding of each item from its shard content, at the given
-    interaction counts (0: as if new); None when the version has no mapping."""
-    if not (version_dir / MAPPING_FILE).exists():
-        return None
-    mapper = EarlyStageMapper.load(version_dir)
-    cfg = mapper.cfg
-    content = {}
-    for url in sorted({p.resolve().as_uri() for p in shard_dir.glob("*.tar")}):
-        content.update(read_shard(url, cfg.frames, cfg.frame_size))
-    blank = np.zeros((cfg.frames, cfg.frame_size, cfg.frame_size, 3), np.uint8)
-    frames = np.stack([content[i].frames if i in content else blank for i in items.tolist()])
-    has = np.array([float(content[i].has_frames) if i in content else 0.0 for i in items.tolist()])
-    texts = [content[i].text if i in content else "" for i in items.tolist()]
-    counts = np.zeros(len(items)) if counts is None else counts
-    return np.concatenate([mapper.embed_content(frames[s:s + 256], has[s:s + 256], texts[s:s + 256], counts[s:s + 256])
-                           for s in range(0, len(items), 256)]) if len(items) else np.zeros((0, cfg.embedding_dim), np.float32)
+@dataclass
+class MappedVersion:
+    """What both measures read from one version (its threshold M, its early.npz, its mapping)
+    and the items' shard content, loaded once."""
+
+    maturity: int
+    early: dict[str, np.ndarray]
+    mapper: EarlyStageMapper | None
+    content: dict[int, ItemContent]
+
+    @classmethod
+    def load(cls, version_dir: Path, shard_dir: Path) -> "MappedVersion":
+        manifest = json.loads((version_dir / "manifest.json").read_text())
+        mapper = EarlyStageMapper.load(version_dir) if (version_dir / MAPPING_FILE).exists() else None
+        content: dict[int, ItemContent] = {}
+        if mapper is not None:
+            for url in sorted({p.resolve().as_uri() for p in shard_dir.glob("*.tar")}):
+                content.update(read_shard(url, mapper.cfg.frames, mapper.cfg.frame_size))
+        with np.load(version_dir / "early.npz") as e:
+            early = dict(e)
+        return cls(manifest.get("maturity", {}).get("threshold", 5), early, mapper, content)
+
+    def remap(self, items: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray | None:
+        """The mapping's embedding of each item from its shard content, at the given interaction
+        counts (0: as if new); None when the version has no mapping."""
+        if self.mapper is None:
+            return None
+        cfg = self.mapper.cfg
+        blank = np.zeros((cfg.frames, cfg.frame_size, cfg.frame_size, 3), np.uint8)
+        got = [self.content.get(i) for i in items.tolist()]
+        frames = np.stack([c.frames if c else blank for c in got]) if got else blank[:0]
+        has = np.array([float(c.has_frames) if c else 0.0 for c in got])
+        texts = [c.text if c else "" for c in got]
+        counts = np.zeros(len(items)) if counts is None else counts
+        return np.concatenate([self.mapper.embed_content(frames[s:s + 256], has[s:s + 256], texts[s:s + 256], counts[s:s + 256])
+                               for s in range(0, len(items), 256)]) if len(items) else np.zeros((0, cfg.embedding_dim), np.float32)
 
 
-def early_stage(version_dir: Path, users: dict[int, np.ndarray], test_pos: dict[int, set[int]], seen: dict[int, set[int]],
-                tags: dict[int, set[str]], shard_dir: Path, seed: int) -> dict:
+def early_stage(pub: MappedVersion, users: dict[int, np.ndarray], test_pos: dict[int, set[int]], seen: dict[int, set[int]],
+                tags: dict[int, set[str]], seed: int) -> dict:
     """users: user -> vector; test_pos: user -> warm test positives; seen: user -> every item
     they interacted with (train and test); tags: item -> tags. Returns the eval JSON's section."""
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    maturity = manifest.get("maturity", {}).get("threshold", 5)
-    e = np.load(version_dir / "early.npz")
+    maturity, e = pub.maturity, pub.early
     mature_ids = e["ids"][e["counts"] >= maturity]
     row = {int(i): k for k, i in enumerate(mature_ids)}
     rng = np.random.default_rng(seed)
@@ -85,7 +103,7 @@ def early_stage(version_dir: Path, users: dict[int, np.ndarray], test_pos: dict[
         "tag_avg": leave_one_out,
         "content_only": e["content"][np.isin(e["ids"], mature_ids)],
     }
-    memer = remap(version_dir, mature_ids, shard_dir)
+    memer = pub.remap(mature_ids)
     if memer is not None:
         methods["memer"] = memer
     u_pos = np.stack([users[u] for u, _ in pos_pairs])
@@ -96,15 +114,13 @@ def early_stage(version_dir: Path, users: dict[int, np.ndarray], test_pos: dict[
     return {"auc": auc, "relaimpr": relaimpr, "maturity": maturity, "items": len(mature_ids), "pairs": len(pos_pairs)}
 
 
-def transition(version_dir: Path, users: list[int], user_vecs: np.ndarray, test_pos: dict[int, set[int]],
-               train_seen: dict[int, set[int]], counts: dict[int, int], shard_dir: Path) -> dict:
+def transition(pub: MappedVersion, users: list[int], user_vecs: np.ndarray, test_pos: dict[int, set[int]],
+               train_seen: dict[int, set[int]], counts: dict[int, int]) -> dict:
     """Recall@20 per bin of training interactions, with and without the mapping below M."""
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    maturity = manifest.get("maturity", {}).get("threshold", 5)
-    e = np.load(version_dir / "early.npz")
+    maturity, e = pub.maturity, pub.early
     ids = e["ids"]
     n = np.array([counts.get(int(i), 0) for i in ids])
-    early = remap(version_dir, ids, shard_dir, n)
+    early = pub.remap(ids, n)
     with_map = np.where((n >= maturity)[:, None], e["full"], early if early is not None else e["content"])
     without = np.where((n >= maturity)[:, None], e["full"], e["content"])
     out = {"maturity": maturity, "bins": []}

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 from cluster import plots
-from cluster.early_stage import early_stage, transition
+from cluster.early_stage import MappedVersion, early_stage, transition
 from cluster.ray_job import run_training
 from cluster.services import broker_for
 from embeddings.clusters import TEXT_DIM, frame_descriptor, text_descriptor
@@ -60,6 +60,9 @@ def evaluate_dataset(cfg: Config, interactions: Path, items: Path | None, images
     ds = load_dataset(interactions, items, images)
     split = split_dataset(ds, cold_fraction, seed)
     cfg = size_for(cfg, ds, minutes)
+    if cfg.storage:
+        raise ConfigError(f"config error: storage={cfg.storage}: evaluation keeps its run on this machine (it reads the "
+                          "shards and index it scores from the run directory); unset storage")
     run_dir = cfg.run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -159,13 +162,13 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
     vectors = dict(zip(users, user_vecs))
     known = {u: vectors[u] for u in users if u not in users_missing}
     everything = _items_by_user(ds, np.concatenate([split.train, split.test]))
-    result["early_stage"] = early_stage(version_dir, known, _items_by_user(ds, split.test, threshold), everything, tags,
-                                        shard_dir, seed)
+    published = MappedVersion.load(version_dir, shard_dir)
+    result["early_stage"] = early_stage(published, known, _items_by_user(ds, split.test, threshold), everything, tags, seed)
     counts: dict[int, int] = {}
     for idx in split.train:
         item = ds.item_ids[ds.rows[idx].item]
         counts[item] = counts.get(item, 0) + 1
-    result["transition"] = transition(version_dir, users, user_vecs, test_pos, train_seen, counts, shard_dir)
+    result["transition"] = transition(published, users, user_vecs, test_pos, train_seen, counts)
     return result
 
 

@@ -6,16 +6,19 @@ import os
 from pathlib import Path
 
 import ray
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.config import Config, ConfigError
 from cluster.devices import backend, want_gpu
 from cluster.worker import train_loop_per_worker
+from streaming import storage
 from streaming.topics import partition_count
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
+SETUP_HOOK = "cluster.logs.setup_ray_worker"  # quiet library logs in every Ray worker (see there)
+CODE_EXCLUDES = [".venv", "runs", ".cache", ".git", ".gpu", "*.egg-info", ".pytest_cache", "__pycache__"]
 
 
 def worker_env(gpu: bool) -> dict[str, str]:
@@ -38,19 +41,31 @@ def start_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = worker_env(want_gpu(cfg.train.use_gpu))
     os.environ.update(env)
-    address = os.environ.get("RAY_ADDRESS")
-    if address:  # a real cluster: join it
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:  # an existing cluster: join it, and ship this checkout's code to its nodes (their Python environment must match)
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env={"env_vars": env, "working_dir": str(ROOT), "excludes": CODE_EXCLUDES, "worker_process_setup_hook": SETUP_HOOK})
         return
     ray.init(
         num_cpus=max(cfg.train.workers, os.cpu_count() or 1),
         object_store_memory=256 * 1024**2,
         include_dashboard=False,
         _temp_dir=f"/tmp/ray-cs-{os.getuid()}",
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": env, "worker_process_setup_hook": SETUP_HOOK},
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+
+
+def checkpoint_storage(cfg: Config) -> dict:
+    """RunConfig's storage for checkpoints: the run directory, or `storage` through the same
+    pyarrow filesystem (endpoint, credentials) that shards and the index use."""
+    where = cfg.location("ray")
+    if not storage.is_remote(where):
+        return {"storage_path": str(where)}
+    fs, path = storage.filesystem(where)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def check_partitions(cfg: Config, bootstrap: str) -> None:
@@ -83,7 +98,8 @@ def run_training(cfg: Config, bootstrap: str) -> dict:
         train_loop_config={"cfg": cfg.model_dump(mode="json") | {"runs_dir": str(cfg.runs_dir.resolve())}, "bootstrap": bootstrap},
         torch_config=TorchConfig(backend=backend(gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu, resources_per_worker={"CPU": 1} | ({"GPU": 1} if gpu else {})),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(cfg.run_dir / "ray"), failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        run_config=RunConfig(name=cfg.run_name, **checkpoint_storage(cfg), failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             logging_config=LoggingConfig(log_level="WARNING")),  # not a line per checkpoint
     )
     result = trainer.fit()
     if result.error:

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from embeddings.mapping import MAPPING_FILE, EarlyStageMapper
 from embeddings.reader import IndexReader, LoadedVersion
+from streaming import storage
 
 log = logging.getLogger("coldstream.serve")
 K_CAP = 1000
@@ -96,12 +97,12 @@ class Service:
             for u, i in np.load(path / "seen.npz")["pairs"].tolist():
                 seen.setdefault(u, set()).add(i)
         loaded.extras["seen"] = seen
-        trained = set(loaded.item_ids.tolist())
-        for item, vec in list(self.posted.items()):
-            if item in trained:
+        posted = np.array(list(self.posted), np.int64)
+        for item, trained in zip(posted.tolist(), loaded.index.contains(posted)):
+            if trained:
                 del self.posted[item]  # the trainer serves it now
             else:
-                loaded.index.add_with_ids(vec[None], np.array([item], np.int64))
+                loaded.index.add_with_ids(self.posted[item][None], np.array([item], np.int64))
 
     def refresh(self) -> bool:
         with self._posting:
@@ -238,7 +239,7 @@ def create_app(index_dir: str | Path, poll_s: float = 0.5) -> FastAPI:
 def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    if not Path(index_dir).is_dir():
+    if not storage.is_remote(index_dir) and not Path(index_dir).is_dir():
         raise SystemExit(f"no index directory at {index_dir}: publish one first (launch.py demo or train)")
     print(f"serving {index_dir} on http://{host}:{port} (follows LATEST)", flush=True)
     uvicorn.run(create_app(index_dir), host=host, port=port, log_level="warning")

@@ -44,7 +44,7 @@ class WorldProducer(threading.Thread):
     def __init__(self, cfg: Config, bootstrap: str, realtime: bool = True):
         super().__init__(daemon=True, name="world-producer")
         self.world = World.create(cfg.world)
-        self.shard_dir = cfg.run_dir / "shards"
+        self.shard_dir = cfg.location("shards")
         self.producer = EventProducer(cfg.kafka, bootstrap)
         self.realtime = realtime
         self.stopping = threading.Event()

@@ -8,6 +8,8 @@ small all-reduce that agrees on whether to step, publish, checkpoint or stop.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -122,10 +124,13 @@ class Worker:
         self.sparse = shard_sparse_arch(m, self.device, o.sparse_lr)
         dense = DenseArch(m).to(self.device)
         optimizer = torch.optim.AdamW(dense.parameters(), lr=o.dense_lr, weight_decay=o.weight_decay)
-        self.engine, *_ = deepspeed.initialize(
-            model=dense, optimizer=optimizer, dist_init_required=False,
-            config=deepspeed_config(o.batch_size, self.world, o.zero_stage, o.gradient_clipping, self.precision == "bf16"),
-        )
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # DeepSpeed prints (not logs) each JIT op it loads, on every rank
+            self.engine, *_ = deepspeed.initialize(
+                model=dense, optimizer=optimizer, dist_init_required=False,
+                config=deepspeed_config(o.batch_size, self.world, o.zero_stage, o.gradient_clipping, self.precision == "bf16"),
+            )
+        log.debug("deepspeed.initialize printed: %s", printed.getvalue().strip())
         self.step_fn = TrainStep(self.sparse, self.engine, m.temperature, self.device)
 
         self.step = 0
@@ -152,7 +157,7 @@ class Worker:
         self.mature = np.zeros(m.max_items, bool)
         self.item_updates = np.zeros(m.max_items, np.int64)  # times each item was in a batch (fresh or replayed)
         # Freshness: (partition, offset, broker time) of events not yet in a version; announcement times.
-        self.event_times: list[tuple[int, int, float]] = []
+        self.event_times: list = []  # [partition, offset, broker time]
         self.announced: dict[int, float] = {}
         restored = Restored()
         checkpoint = ray.train.get_checkpoint()
@@ -166,7 +171,8 @@ class Worker:
         self.feed = ItemFeed(cfg.kafka, bootstrap, m.max_items, f"coldstream-items-w{self.rank}", restored.feed_offsets,
                              restored.cluster_id)
         self.unclustered: list = []  # content read before the cluster model exists
-        self.publisher = IndexPublisher(self.run_dir / "index", cfg.publish.keep_versions, cfg.publish.index_factory)
+        self.publisher = IndexPublisher(cfg.location("index"), cfg.publish.keep_versions, cfg.publish.index_factory,
+                                        cfg.publish.rebase_every, cfg.publish.rebase_fraction, self.run_dir / "index-cache")
         self.dropped_unknown_item = 0
         self.positives_trained = restored.trained  # fresh positives that went through a step, once each
         # Offsets below which the restored checkpoint had trained everything: a fresh pair from there
@@ -297,7 +303,7 @@ class Worker:
         done = np.zeros(len(times), bool)
         for part, through in trained.items():
             done |= (times[:, 0] == part) & (times[:, 1] < through)
-        self.event_times = [tuple(r) for r in times[~done].tolist()]
+        self.event_times = times[~done].tolist()
         events = now - times[done, 2]
         for i in set(self.announced) & set(self.shards.skipped):  # never servable: not waited for
             del self.announced[i]
@@ -329,13 +335,15 @@ class Worker:
                                              stage(torch.from_numpy(counts[items]), self.maturity).numpy(), self.device,
                                              group=self.control)
         self.curve.update(items, counts[items], updates[items], variants["full"])  # every rank: the same vectors, the same M
-        self.maturity = self.curve.threshold() or self.maturity
+        measured = self.curve.threshold()
+        self.maturity = measured or self.maturity
         self.mature = counts >= self.maturity
         mature = self.mature[items]
         early = f"early_{m.memer_signals[0]}" if m.memer_signals else "content"
         item_vecs = np.where(mature[:, None], variants["full"], variants[early])
         event_lat, item_lat = self._freshness(trained, time.time())
-        rows = cluster_rows(self.sparse, len(self.clusters[0].centroids), len(self.clusters[1].centroids), self.device)
+        rows = (cluster_rows(self.sparse, len(self.clusters[0].centroids), len(self.clusters[1].centroids), self.device)
+                if m.memer_signals else None)  # a collective: every rank or none, and only the mapping needs it
         lat: list = [None] * self.world
         dist.all_gather_object(lat, (event_lat, item_lat), group=self.control)
         if self.rank != 0:
@@ -343,7 +351,7 @@ class Worker:
         pairs = np.concatenate([g[3] for g in gathered])
         info = {"step": self.step, "mature_items": int(mature.sum()), "kafka_offsets": {
             self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}},
-            "maturity": {"threshold": self.maturity, "epsilon": m.maturity_epsilon, "measured": self.curve.threshold() is not None,
+            "maturity": {"threshold": self.maturity, "epsilon": m.maturity_epsilon, "measured": measured is not None,
                          "curve": self.curve.curve()},
             "early_stage": {"served_by": early, "signals": list(m.memer_signals)},
             "freshness": {"event_to_version_s": percentiles(np.concatenate([x[0] for x in lat])),

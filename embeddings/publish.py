@@ -1,10 +1,19 @@
 """Publishing item vectors as versions of a FAISS serving index.
 
-A version is a directory `v000007/` holding the index (ids are item ids), the user
-vectors the serving side scores with, and `manifest.json` (version, step, wall time,
-Kafka offsets, sha256 of every file). It is written under a temporary name and
-renamed into place, then `LATEST` is replaced atomically: a reader sees a whole
-version or none. Only the newest `keep` versions stay on disk. A temporary directory
+A version is a directory `v000007/` holding the user vectors the serving side scores
+with, `manifest.json` (version, step, wall time, Kafka offsets, sha256 of every file),
+and the items in one of two forms:
+- a base: the whole index (`items.faiss`, ids are item ids) and its sorted ids;
+- a delta segment (`delta.npz`): the vectors upserted and the ids removed since the
+  version before it. Its manifest names its base and the chain of segments since then,
+  so a reader applies only the segments it has not seen (see `embeddings/layered.py`).
+`publish` diffs the catalogue against the last version it wrote and writes a segment when
+little changed; `publish_delta` takes the change itself, for callers that know it, and
+costs what changed even at 10M items. A base is rebuilt every `rebase_every` versions, or
+when the segments since it hold more than `rebase_fraction` of the catalogue.
+Files are fsynced, written under a temporary name and renamed into place, then `LATEST`
+is replaced atomically: a reader sees a whole version or none. The newest `keep`
+versions stay on disk, with the base and segments they are built on. A temporary directory
 left by a crash is removed by the next publish. Versions never go backwards: weights
 older (by training step), or Kafka offsets lower, than the latest version's are not
 published.
@@ -19,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +37,11 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from streaming import storage
+
 log = logging.getLogger(__name__)
 INDEX_FILE, ITEMS_FILE, USERS_FILE, MANIFEST, LATEST = "items.faiss", "item_ids.npy", "users.npz", "manifest.json", "LATEST"
+DELTA_FILE = "delta.npz"
 
 
 def sha256(path: Path) -> str:
@@ -61,10 +74,43 @@ class Published:
 
 
 class IndexPublisher:
-    def __init__(self, root: str | Path, keep: int = 3, factory: str = "Flat"):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, keep: int = 3, factory: str = "Flat", rebase_every: int = 10,
+                 rebase_fraction: float = 0.2, cache: Path | None = None):
+        """root: a local directory, or an object-store prefix (s3://...): then each version is
+        written in `cache` as locally, uploaded file by file (the manifest last), and LATEST is
+        replaced last, so a reader never follows it to a version that is not whole."""
+        self.remote = str(root) if storage.is_remote(root) else None
+        self.root = Path(cache or tempfile.mkdtemp(prefix="coldstream-index-")) if self.remote else Path(root)
+        if self.remote:
+            self._adopt_remote_latest()
         self.keep, self.factory = keep, factory
+        self.rebase_every, self.rebase_fraction = rebase_every, rebase_fraction
         self.root.mkdir(parents=True, exist_ok=True)
+        # what this process last wrote: a delta needs a base it wrote itself (after a restart, a base comes first)
+        self._base: str | None = None
+        self._segments: list[str] = []
+        self._since_base = 0  # rows upserted or removed since the base
+        self._base_rows = 0
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, vectors) of the last version, for diffs
+
+    def _adopt_remote_latest(self) -> None:
+        """Numbers continue after the store's newest version, and its step and offsets stay the floor."""
+        try:
+            name = storage.read_bytes(storage.join(self.remote, LATEST)).decode().strip()
+            manifest = storage.read_bytes(storage.join(self.remote, name, MANIFEST))
+        except (FileNotFoundError, OSError):
+            return
+        if not (self.root / name).exists():
+            (self.root / name).mkdir(parents=True)
+            (self.root / name / MANIFEST).write_bytes(manifest)
+
+    def _upload(self, final: Path, needed: set[str]) -> None:
+        for f in sorted(final.iterdir(), key=lambda f: f.name == MANIFEST):
+            storage.put_file(f, storage.join(self.remote, final.name, f.name))
+        storage.write_bytes(storage.join(self.remote, LATEST), final.name.encode())
+        for name in storage.list_names(self.remote):
+            if name.startswith("v") and name[1:].isdigit() and name not in needed:
+                storage.delete_dir(storage.join(self.remote, name))
 
     def next_version(self) -> int:
         dirs = version_dirs(self.root)
@@ -93,10 +139,51 @@ class IndexPublisher:
 
     def publish(self, item_ids: np.ndarray, item_vecs: np.ndarray, user_ids: np.ndarray, user_vecs: np.ndarray,
                 info: dict, extra: dict[str, Callable[[Path], None]] | None = None) -> Published | None:
-        """Writes the next version; None (and a logged reason) when `info` is older than the latest's
-        (after a restore from a checkpoint older than the last publication). `extra` maps more
-        file names to functions that write them (the MEMER mapping, early-stage vectors); they are
-        checksummed like the index."""
+        """Publishes the whole catalogue: a delta segment of what changed since the last version
+        when that is small, else a new base. None (and a logged reason) when `info` is older than
+        the latest version's (after a restore from a checkpoint older than the last publication).
+        `extra` maps more file names to functions that write them (the MEMER mapping,
+        early-stage vectors); they are checksummed like the index."""
+        ids, vecs = np.asarray(item_ids, np.int64), np.asarray(item_vecs, np.float32)
+        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+            order = np.argsort(ids, kind="stable")
+            ids, vecs = ids[order], vecs[order]
+        else:  # already sorted (the trainer's case): one copy, kept for the next diff
+            ids, vecs = ids.copy(), np.array(vecs, copy=True, order="C")
+        if self._last is not None and self._base is not None:
+            last_ids, last_vecs = self._last
+            pos = np.searchsorted(last_ids, ids).clip(0, max(len(last_ids) - 1, 0))
+            known = (last_ids[pos] == ids) if len(last_ids) else np.zeros(len(ids), bool)
+            changed = ~known
+            changed[known] = (last_vecs[pos[known]] != vecs[known]).any(1)
+            removed = np.setdiff1d(last_ids, ids, assume_unique=True)
+            if not self._rebase_due(int(changed.sum()) + len(removed), len(ids)):
+                out = self.publish_delta(ids[changed], vecs[changed], removed, user_ids, user_vecs, info, extra)
+                self._last = (ids, vecs) if out is not None else (last_ids, last_vecs)
+                return out
+        out = self._write(info, user_ids, user_vecs, extra, base=(ids, vecs))
+        if out is not None:
+            self._last = (ids, vecs)
+        return out
+
+    def publish_delta(self, upsert_ids: np.ndarray, upsert_vecs: np.ndarray, removed_ids: np.ndarray, user_ids: np.ndarray,
+                      user_vecs: np.ndarray, info: dict, extra: dict[str, Callable[[Path], None]] | None = None) -> Published | None:
+        """Publishes a change: `upsert_ids` (new, or with new vectors) and `removed_ids`, on top of
+        the last version this publisher wrote, which must exist (a base comes first)."""
+        if self._base is None:
+            raise RuntimeError("publish_delta needs a base written by this publisher first: call publish()")
+        self._last = None  # the caller knows the change, not the catalogue: the next publish() writes a base
+        return self._write(info, user_ids, user_vecs, extra, delta=(np.asarray(upsert_ids, np.int64),
+                                                                    np.ascontiguousarray(upsert_vecs, np.float32),
+                                                                    np.asarray(removed_ids, np.int64)))
+
+    def _rebase_due(self, changed_rows: int, catalogue: int) -> bool:
+        return (len(self._segments) + 1 >= self.rebase_every
+                or self._since_base + changed_rows > self.rebase_fraction * max(catalogue, 1))
+
+    def _write(self, info: dict, user_ids: np.ndarray, user_vecs: np.ndarray, extra: dict[str, Callable[[Path], None]] | None,
+               base: tuple[np.ndarray, np.ndarray] | None = None,
+               delta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Published | None:
         why = self._older(info)
         if why:
             log.warning("not publishing: version %s is newer (%s)", self.next_version() - 1, why)
@@ -105,32 +192,77 @@ class IndexPublisher:
         for stale in leftovers:  # a crash mid-publish left it; only one publisher writes here
             shutil.rmtree(stale, ignore_errors=True)
         version = self.next_version()
-        tmp = self.root / f".tmp-v{version:06d}-{os.getpid()}"
+        name = f"v{version:06d}"
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
-        faiss.write_index(build_index(item_vecs, item_ids, self.factory), str(tmp / INDEX_FILE))
-        np.save(tmp / ITEMS_FILE, item_ids.astype(np.int64))
+        if base is not None:
+            ids, vecs = base
+            faiss.write_index(build_index(vecs, ids, self.factory), str(tmp / INDEX_FILE))
+            np.save(tmp / ITEMS_FILE, ids)
+            files = [INDEX_FILE, ITEMS_FILE]
+            layout = {"n_items": int(len(ids)), "dim": int(vecs.shape[1]) if vecs.ndim == 2 else 0}
+        else:
+            up_ids, up_vecs, removed = delta
+            np.savez(tmp / DELTA_FILE, ids=up_ids, vectors=up_vecs, removed=removed)
+            files = [DELTA_FILE]
+            layout = {"base": self._base, "segments": [*self._segments, name], "n_upserted": int(len(up_ids)),
+                      "n_removed": int(len(removed)), "dim": int(up_vecs.shape[1]) if up_vecs.ndim == 2 else 0}
         np.savez(tmp / USERS_FILE, ids=user_ids.astype(np.int64), vectors=user_vecs.astype(np.float32))
-        for name, write in (extra or {}).items():
-            write(tmp / name)
+        for fname, write in (extra or {}).items():
+            write(tmp / fname)
+        files += [USERS_FILE, *(extra or {})]
         manifest = {
             "version": version,
             "wall_time": time.time(),
-            "n_items": int(len(item_ids)),
             "n_users": int(len(user_ids)),
-            "dim": int(item_vecs.shape[1]),
             "index_factory": self.factory,
+            **layout,
             **info,
-            "checksums": {f: sha256(tmp / f) for f in (INDEX_FILE, ITEMS_FILE, USERS_FILE, *(extra or {}))},
+            "checksums": {f: sha256(tmp / f) for f in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        final = self.root / f"v{version:06d}"
+        for f in (*files, MANIFEST):
+            _fsync(tmp / f)
+        final = self.root / name
         if os.environ.get("COLDSTREAM_CRASH_PUBLISH") == str(version) and not leftovers:  # once: the retry goes through
             log.error("COLDSTREAM_CRASH_PUBLISH=%d: exiting before the rename", version)
             os._exit(1)
         os.rename(tmp, final)
         latest_tmp = self.root / f".{LATEST}.tmp"
         latest_tmp.write_text(final.name)
+        _fsync(latest_tmp)
         os.replace(latest_tmp, self.root / LATEST)
-        for old in version_dirs(self.root)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync(self.root)
+        if base is not None:
+            self._base, self._segments, self._since_base, self._base_rows = name, [], 0, len(base[0])
+        else:
+            self._segments.append(name)
+            self._since_base += len(delta[0]) + len(delta[2])
+        needed = self._prune()
+        if self.remote:
+            self._upload(final, needed)
         return Published(version, final, manifest)
+
+    def _prune(self) -> set[str]:
+        """Keeps the newest `keep` versions and every base and segment they are built on; returns their names."""
+        dirs = version_dirs(self.root)
+        needed = {d.name for d in dirs[-self.keep:]}
+        for d in dirs[-self.keep:]:
+            try:
+                m = json.loads((d / MANIFEST).read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if m.get("base"):
+                needed |= {m["base"], *m["segments"]}
+        for old in dirs:
+            if old.name not in needed:
+                shutil.rmtree(old, ignore_errors=True)
+        return needed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

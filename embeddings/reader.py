@@ -1,21 +1,27 @@
 """The serving-side reader: loads the newest published version and swaps to a newer
 one without a restart. A version whose checksums do not match is refused (the
-current one keeps serving). On a CUDA machine with faiss GPU support, unrestricted
-searches run on a GPU copy of the index.
+current one keeps serving). A version built on the base already loaded costs only its
+new delta segments (see `embeddings/layered.py`). On a CUDA machine with faiss GPU
+support, unrestricted searches run on a GPU copy of the base.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 import faiss
 import numpy as np
 
-from embeddings.publish import INDEX_FILE, ITEMS_FILE, LATEST, MANIFEST, USERS_FILE, sha256
+from embeddings.layered import LayeredIndex
+from embeddings.publish import DELTA_FILE, INDEX_FILE, ITEMS_FILE, LATEST, MANIFEST, USERS_FILE, sha256
+from streaming import storage
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +34,28 @@ def gpu_available() -> bool:
 class LoadedVersion:
     version: int
     manifest: dict
-    index: faiss.Index
-    gpu_index: faiss.Index | None
-    item_ids: np.ndarray
+    index: LayeredIndex
     user_rows: dict[int, int]
     user_vectors: np.ndarray
     extras: dict = field(default_factory=dict)  # what a caller attaches while preparing it (see refresh)
 
+    @cached_property
+    def item_ids(self) -> np.ndarray:
+        """Every item id this version serves, sorted (computed on first use: O(catalogue))."""
+        return self.index.ids()
+
+
+def _chain(manifest: dict, name: str) -> tuple[str, list[str]]:
+    """(base, segments after it) that a version is built from; a base is its own, with none."""
+    return (manifest["base"], manifest["segments"]) if manifest.get("base") else (name, [])
+
 
 class IndexReader:
-    def __init__(self, root: str | Path, use_gpu: bool | None = None):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, use_gpu: bool | None = None, cache: Path | None = None):
+        """root: the publisher's directory, or its object-store prefix (s3://...): then the
+        versions it follows are downloaded into `cache` (a base once, then only segments)."""
+        self.remote = str(root) if storage.is_remote(root) else None
+        self.root = Path(cache or tempfile.mkdtemp(prefix="coldstream-reader-")) if self.remote else Path(root)
         self.use_gpu = gpu_available() if use_gpu is None else use_gpu
         self._gpu_res = faiss.StandardGpuResources() if self.use_gpu else None
         self._current: LoadedVersion | None = None
@@ -54,10 +71,13 @@ class IndexReader:
 
     def refresh(self, prepare: Callable[[Path, LoadedVersion], None] | None = None) -> bool:
         """Loads the version LATEST points to if it is newer; True when it swapped. `prepare(path, loaded)`
-        runs before the swap, so a request never sees the new version half ready."""
+        runs before the swap, so a request never sees the new version half ready. A version built
+        on the base already loaded costs only the segments not applied yet."""
         try:
-            name = (self.root / LATEST).read_text().strip()
+            name = self._download_latest() if self.remote else (self.root / LATEST).read_text().strip()
         except FileNotFoundError:
+            return False
+        if name is None:
             return False
         path = self.root / name
         try:
@@ -71,23 +91,84 @@ class IndexReader:
             log.warning("version %s holds step %s, older than the served step %s; refused",
                         name, manifest.get("step"), self._current.manifest.get("step"))
             return False
-        for f, digest in manifest["checksums"].items():
-            if sha256(path / f) != digest:
-                log.warning("version %s: checksum mismatch on %s; keeping %s", name, f, self.version)
+        try:
+            if not self._verified(path, manifest):
                 return False
-        index = faiss.read_index(str(path / INDEX_FILE))
-        gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index) if self._gpu_res is not None else None
+            index = self._index(name, manifest)
+        except (FileNotFoundError, json.JSONDecodeError, KeyError) as exc:  # pruned under us, or half a chain
+            log.warning("version %s incomplete (%s); keeping %s", name, exc, self.version)
+            return False
+        if index is None:
+            return False
         users = np.load(path / USERS_FILE)
-        loaded = LoadedVersion(
-            manifest["version"], manifest, index, gpu_index, np.load(path / ITEMS_FILE),
-            {int(u): r for r, u in enumerate(users["ids"])}, users["vectors"],
-        )
+        manifest["name"] = name
+        loaded = LoadedVersion(manifest["version"], manifest, index, {int(u): r for r, u in enumerate(users["ids"])},
+                               users["vectors"])
         if prepare is not None:
             prepare(path, loaded)
         with self._lock:
             self._current = loaded
-        log.info("serving index version %d (%d items)", loaded.version, len(loaded.item_ids))
+        log.info("serving index version %d (%d items)", loaded.version, loaded.index.ntotal)
         return True
+
+    def _download_latest(self) -> str | None:
+        """Brings the store's newest version (its base and segments) into the cache; its name, or
+        None when the store is unreadable (the served version stays)."""
+        try:
+            name = storage.read_bytes(storage.join(self.remote, LATEST)).decode().strip()
+            if self._current is not None and name == self._current.manifest["name"]:
+                return name
+            manifest = json.loads(storage.read_bytes(storage.join(self.remote, name, MANIFEST)))
+            chain = [manifest["base"], *manifest["segments"]] if manifest.get("base") else [name]
+            for part in chain:
+                local = self.root / part
+                if (local / MANIFEST).exists():
+                    continue
+                files = json.loads(storage.read_bytes(storage.join(self.remote, part, MANIFEST)))["checksums"]
+                tmp = self.root / f".dl-{part}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                for f in (*files, MANIFEST):
+                    storage.get_file(storage.join(self.remote, part, f), tmp / f)
+                tmp.rename(local)
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            log.warning("index store %s unreadable (%s); keeping %s", self.remote, exc, self.version)
+            return None
+        keep = set(chain) | ({self._current.manifest["name"], *_chain(self._current.manifest, self._current.manifest["name"])[1],
+                              _chain(self._current.manifest, self._current.manifest["name"])[0]} if self._current else set())
+        for old in self.root.glob("v[0-9]*"):
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+        return name
+
+    def _verified(self, path: Path, manifest: dict, only: tuple[str, ...] | None = None) -> bool:
+        for f, digest in manifest["checksums"].items():
+            if (only is None or f in only) and sha256(path / f) != digest:
+                log.warning("version %s: checksum mismatch on %s; keeping %s", path.name, f, self.version)
+                return False
+        return True
+
+    def _index(self, name: str, manifest: dict) -> LayeredIndex | None:
+        """The version's index: the served one's base and overlay plus the new segments when it
+        extends the served chain, else its base read from disk plus all its segments."""
+        base, segments = _chain(manifest, name)
+        cur = self._current
+        cur_base, cur_segments = _chain(cur.manifest, cur.manifest["name"]) if cur else (None, [])
+        if cur is not None and cur_base == base and segments[:len(cur_segments)] == cur_segments:
+            index, todo = cur.index.derive(), segments[len(cur_segments):]
+        else:
+            base_dir = self.root / base
+            if base != name and not self._verified(base_dir, json.loads((base_dir / MANIFEST).read_text()), (INDEX_FILE, ITEMS_FILE)):
+                return None
+            cpu = faiss.read_index(str(base_dir / INDEX_FILE))
+            gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, cpu) if self._gpu_res is not None else None
+            index, todo = LayeredIndex(cpu, np.load(base_dir / ITEMS_FILE), gpu), segments
+        for seg in todo:
+            seg_dir = self.root / seg
+            if seg != name and not self._verified(seg_dir, json.loads((seg_dir / MANIFEST).read_text()), (DELTA_FILE,)):
+                return None
+            with np.load(seg_dir / DELTA_FILE) as d:
+                index.apply(d["ids"], d["vectors"], d["removed"])
+        return index
 
     def user_vectors(self, user_ids: list[int]) -> tuple[np.ndarray, list[int]]:
         """Vectors of the users this version knows, and which of the asked ids those are."""
@@ -100,7 +181,7 @@ class IndexReader:
         cur = self._require()
         q = np.ascontiguousarray(queries, np.float32)
         if candidates is None:
-            return (cur.gpu_index or cur.index).search(q, k)
+            return cur.index.search(q, k)
         params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(candidates, np.int64)))
         return cur.index.search(q, k, params=params)
 

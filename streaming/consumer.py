@@ -229,8 +229,8 @@ class InteractionStream:
         batches = self._consumer.poll(timeout_ms=self.cfg.poll_timeout_ms if timeout_ms is None else timeout_ms)
         out: list[Interaction] = []
         for tp, records in batches.items():
+            self.stats.consumed += len(records)
             for rec in records:
-                self.stats.consumed += 1
                 try:
                     out.append(decode_interaction(rec.value, self.max_users, self.max_items, tp.partition, rec.offset,
                                                       rec.timestamp / 1000.0))

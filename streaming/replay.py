@@ -17,6 +17,7 @@ import numpy as np
 from streaming.datasets import Dataset, Row
 from streaming.producer import Sink
 from streaming.schema import Interaction, ItemAnnouncement
+from streaming import storage
 from streaming.shards import write_shard
 
 
@@ -56,7 +57,7 @@ def split_dataset(ds: Dataset, cold_fraction: float, seed: int, test_fraction: f
     return Split(cold, np.sort(np.array(train, np.int64)), np.sort(np.array(test, np.int64)))
 
 
-def pack_items(ds: Dataset, shard_dir: Path, items_per_shard: int = 200) -> dict[str, str]:
+def pack_items(ds: Dataset, shard_dir: str | Path, items_per_shard: int = 200) -> dict[str, str]:
     """Shards in first-appearance order; images are stored as they are (no re-encoding)."""
     urls: dict[str, str] = {}
     keys = sorted(ds.item_ids, key=ds.item_ids.get)
@@ -68,7 +69,7 @@ def pack_items(ds: Dataset, shard_dir: Path, items_per_shard: int = 200) -> dict
             meta = ds.items.get(key)
             samples.append({"item_id": ds.item_ids[key], "frames": frames, "text": ds.text(key),
                             "meta": {"key": key, "tags": meta.tags if meta else []}})
-        url = write_shard(Path(shard_dir) / f"items-{n:06d}.tar", samples)
+        url = write_shard(storage.child(shard_dir, f"items-{n:06d}.tar"), samples)
         urls.update({k: url for k in chunk})
     return urls
 

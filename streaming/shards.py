@@ -11,12 +11,15 @@ import io
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from streaming import storage
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,13 @@ class ItemContent:
 
 
 def write_shard(path: str | Path, items: list[dict]) -> str:
-    """items: dicts with item_id, frames (list of encoded image bytes, with their extension), text, meta."""
+    """items: dicts with item_id, frames (list of encoded image bytes, with their extension), text, meta.
+    `path` is local, or an object-store URI (s3://...): the shard is built locally and uploaded whole.
+    Returns the URL an announcement carries."""
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="coldstream-shard-") as d:
+            storage.put_file(Path(write_shard(Path(d) / "shard.tar", items)[len("file://"):]), str(path))
+        return str(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -74,13 +83,21 @@ def decode_frames(images: list[bytes], n_frames: int, size: int) -> np.ndarray:
 
 def read_shard(url: str, n_frames: int, size: int) -> dict[int, ItemContent]:
     """All items of one shard; raises OSError/ValueError (with the cause) when the shard is unusable."""
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"shard {url} does not exist")
     out: dict[int, ItemContent] = {}
     # Every worker needs every item, so no node/worker splitting; and no handler: a
     # truncated or garbled tar raises, and the caller skips the shard's items.
-    for sample in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()):
+    if storage.is_remote(url):
+        if not storage.exists(url):
+            raise FileNotFoundError(f"shard {url} does not exist")
+        fs, key = storage.filesystem(url)
+        stream = fs.open_input_stream(key)
+        samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+    else:
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"shard {url} does not exist")
+        samples = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+    for sample in samples:
         meta = json.loads(sample["json"]) if "json" in sample else {}
         item_id = int(meta.get("item_id", sample["__key__"]))
         frame_keys = sorted(k for k in sample if k.startswith("frame") and k.endswith(IMAGE_EXTS))

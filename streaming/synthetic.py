@@ -24,6 +24,7 @@ import numpy as np
 from streaming.config import WorldConfig
 from streaming.producer import Sink
 from streaming.schema import Interaction, ItemAnnouncement
+from streaming import storage
 from streaming.shards import encode_png, write_shard
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class World:
         ][kind]
 
 
-def run_world(world: World, shard_dir: Path, sink: Sink, realtime: bool = True, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+def run_world(world: World, shard_dir: str | Path, sink: Sink, realtime: bool = True, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
     """Writes shards, announces items and produces events; yields a status line per phase.
 
     The initial catalogue and its history go out at once; new items then arrive one
@@ -160,7 +161,7 @@ def run_world(world: World, shard_dir: Path, sink: Sink, realtime: bool = True, 
     def publish_items(items: list[int]) -> None:
         nonlocal shard_no
         url = write_shard(
-            shard_dir / f"items-{shard_no:06d}.tar",
+            storage.child(shard_dir, f"items-{shard_no:06d}.tar"),
             [{"item_id": i, "frames": [encode_png(f) for f in world.frames(i)], "text": world.caption(i), "meta": {}} for i in items],
         )
         shard_no += 1

@@ -26,10 +26,21 @@ SMALL = ["--no-gpu", "--set", "model.max_users=2000", "--set", "model.max_items=
          "--set", "train.min_items_before_training=32"]
 
 
-def launch(*args: str, timeout: int = 420) -> dict:
+def launch(*args: str, timeout: int = 420, output: list[str] | None = None) -> dict:
+    """Runs launch.py; its JSON line. `output` collects every line it printed."""
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if output is not None:
+        output += (proc.stdout + proc.stderr).splitlines()
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+OURS = ("[coldstream]", "coldstream.", " cluster.", " streaming.", " trainer.", " embeddings.")
+
+
+def foreign(lines: list[str]) -> list[str]:
+    """Lines that are not coldstream's own (its loggers, status lines, the JSON summary)."""
+    return [ln for ln in lines if ln.strip() and not any(tag in ln for tag in OURS) and not ln.startswith("{")]
 
 
 DEMO_WORLD = ["--set", "world.n_users=300", "--set", "world.initial_items=150", "--set", "world.new_items=80",
@@ -47,10 +58,13 @@ def small_world(tmp_path, bootstrap: str) -> EventProducer:
 
 
 def test_demo_small(tmp_path):
-    """bf16 on the CPU: the dense engine in bf16, the sparse rows in fp32, the real worker loop."""
+    """bf16 on the CPU: the dense engine in bf16, the sparse rows in fp32, the real worker loop;
+    and quiet: at most 5 lines that are not coldstream's own."""
+    printed: list[str] = []
     s = launch("demo", "--runs-dir", str(tmp_path), "--run-name", "e2e", "--duration-s", "50", *SMALL, "--set", "train.precision=bf16",
                "--set", "world.n_users=300", "--set", "world.initial_items=150", "--set", "world.new_items=80",
-               *DEMO_WORLD, "--set", "world.malformed_fraction=0.01")
+               *DEMO_WORLD, "--set", "world.malformed_fraction=0.01", output=printed)
+    assert len(foreign(printed)) <= 5, "\n".join(foreign(printed))
     assert s["precision"] == "bf16" and s["device"] == "cpu"
     assert s["train_steps"] > 20 and s["examples_per_s"] > 0
     assert s["events_consumed"] >= 300 * 60 and s["dead_lettered"] > 0
@@ -162,3 +176,27 @@ def test_impossible_partition_setups_stop_at_start(tmp_path, broker):
                                "--runs-dir", str(tmp_path), "--no-gpu", *extra], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr
+
+
+def test_train_joins_an_existing_ray_cluster(tmp_path, broker):
+    """`--address` joins a Ray cluster started apart (`ray start --head`), ships the code to it
+    and trains there; the driver says which cluster it joined."""
+    import os
+
+    from cluster.broker import free_port
+
+    prod = small_world(tmp_path, broker.bootstrap)
+    prod.close()
+    port, ray_bin = free_port(), str(ROOT / ".venv" / "bin" / "ray")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--temp-dir=/tmp/ray-cs-head"], check=True, capture_output=True, env=env, timeout=120)
+    try:
+        printed: list[str] = []
+        out = launch("train", "--address", f"127.0.0.1:{port}", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path),
+                     "--run-name", "a", *SMALL, "--set", "train.min_items_before_training=16", "--set", "train.max_steps=8",
+                     output=printed)
+        assert out["train_steps"] == 8
+        assert any(f"joining the Ray cluster at 127.0.0.1:{port}" in ln for ln in printed)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -15,8 +15,8 @@ from trainer.memer import Memer, stage, wasserstein_diag
 
 def test_the_mapping_learns_to_place_items_from_content_where_their_users_are():
     """Users sit near their items' mature vectors; content determines those vectors. Trained on
-    MEMER's losses alone, the early-stage embedding of an item must score its own users
-    above other users, and come close to the item's mature vector."""
+    MEMER's losses alone, the early-stage embedding of an item must come close to the item's
+    mature vector, close enough to pick it out among all the others."""
     torch.manual_seed(0)
     n_items, d, e = 64, 8, 8
     content = torch.randn(n_items, 2 * d + e)
@@ -32,9 +32,9 @@ def test_the_mapping_learns_to_place_items_from_content_where_their_users_are():
         feat = memer.features(content[uniq, :d], content[uniq, d:2 * d], content[uniq, 2 * d:], torch.ones(len(uniq)))
         return feat, base[uniq], mature_vecs[uniq], torch.rand(len(uniq)), torch.ones(len(uniq)), users, index, torch.ones(48, 1)
 
-    first = memer.loss(*batch(), 0.1, (1.0, 1.0, 1.0)).item()
+    first = memer.loss(*batch(), (1.0, 1.0, 1.0)).item()
     for _ in range(600):
-        loss = memer.loss(*batch(), 0.1, (1.0, 1.0, 1.0))
+        loss = memer.loss(*batch(), (1.0, 1.0, 1.0))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -52,7 +52,7 @@ def test_no_mature_item_means_no_loss_but_every_parameter_in_the_graph():
     memer = Memer(4, 4, 8, ["positive", "play"])
     feat = memer.features(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.ones(3))
     loss = memer.loss(feat, F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(3, 4), dim=-1), torch.rand(3), torch.zeros(3),
-                      F.normalize(torch.randn(5, 4), dim=-1), torch.tensor([0, 1, 2, 0, 1]), torch.ones(5, 2), 0.1, (1, 1, 1))
+                      F.normalize(torch.randn(5, 4), dim=-1), torch.tensor([0, 1, 2, 0, 1]), torch.ones(5, 2), (1, 1, 1))
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is not None for p in memer.parameters())  # ZeRO expects a gradient for each

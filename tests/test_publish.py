@@ -1,8 +1,10 @@
-"""FAISS publication: written, read back, verified, hot-swapped, pruned."""
+"""FAISS publication: written, read back, verified, hot-swapped, pruned; bases and delta segments."""
 import numpy as np
 import pytest
 
-from embeddings.publish import INDEX_FILE, IndexPublisher
+import faiss
+
+from embeddings.publish import DELTA_FILE, INDEX_FILE, IndexPublisher
 from embeddings.reader import IndexReader
 
 pytestmark = pytest.mark.integration
@@ -37,10 +39,12 @@ def test_corrupted_version_is_refused(tmp_path):
     pub, reader = IndexPublisher(tmp_path), IndexReader(tmp_path)
     pub.publish(np.arange(5), _vecs(5), np.array([0]), _vecs(1), {})
     assert reader.refresh()
-    second = pub.publish(np.arange(6), _vecs(6), np.array([0]), _vecs(1), {})
-    with open(second.path / INDEX_FILE, "ab") as f:
-        f.write(b"x")
-    assert not reader.refresh() and reader.version == 1
+    for vecs in (_vecs(6), _vecs(6, seed=1)):  # one new item: a delta segment; all changed: a base
+        second = pub.publish(np.arange(6), vecs, np.array([0]), _vecs(1), {})
+        target = DELTA_FILE if second.manifest.get("base") else INDEX_FILE
+        with open(second.path / target, "ab") as f:
+            f.write(b"x")
+        assert not reader.refresh() and reader.version == 1, target
 
 
 def test_crash_leftovers_are_cleaned_and_versions_never_go_backwards(tmp_path):
@@ -60,3 +64,61 @@ def test_crash_leftovers_are_cleaned_and_versions_never_go_backwards(tmp_path):
     assert not reader.refresh() and reader.version == 1
     assert pub.publish(np.arange(5), _vecs(5, seed=3), np.array([0]), _vecs(1), {"step": 90}).version == 3
     assert reader.refresh() and reader.version == 3
+
+
+def _exact_top(catalogue: dict[int, np.ndarray], queries: np.ndarray, k: int) -> list[list[int]]:
+    ids = np.array(sorted(catalogue))
+    scores = queries @ np.stack([catalogue[i] for i in ids]).T
+    return [ids[np.argsort(-row, kind="stable")[:k]].tolist() for row in scores]
+
+
+def test_delta_segments_swap_without_reloading_the_base_and_answer_like_one_index(tmp_path):
+    """A version that changes 10 of 200 items is a segment on the base; the reader applies it to
+    the base it holds (the same object), a fresh reader rebuilds the chain from disk, and both
+    rank exactly like one flat index over the catalogue; a base comes back on the cadence."""
+    pub, reader = IndexPublisher(tmp_path, keep=2, rebase_every=3), IndexReader(tmp_path, use_gpu=False)
+    users = np.array([1])
+    catalogue = dict(zip(range(200), _vecs(200)))
+    pub.publish(np.array(list(catalogue)), np.stack(list(catalogue.values())), users, _vecs(1), {"step": 1})
+    assert reader.refresh()
+    base = reader.current.index.base
+    queries = _vecs(8, seed=9)
+    for step, seed in ((2, 3), (3, 4)):
+        for i in range(step, 200, 40):  # a few change ...
+            catalogue[i] = _vecs(1, seed=seed * 1000 + i)[0]
+        del catalogue[step * 10]  # ... one goes ...
+        catalogue[1000 + step] = queries[step]  # ... one arrives (a query's exact match)
+        got = pub.publish(np.array(list(catalogue)), np.stack(list(catalogue.values())), users, _vecs(1), {"step": step})
+        assert got.manifest["base"] == "v000001" and not (got.path / INDEX_FILE).exists()
+        assert got.manifest["n_upserted"] == 6 and got.manifest["n_removed"] == 1
+        assert reader.refresh() and reader.current.index.base is base  # the base was not read again
+        fresh = IndexReader(tmp_path, use_gpu=False)
+        assert fresh.refresh()
+        for r in (reader, fresh):
+            _, top = r.search(queries, 10)
+            assert top.tolist() == _exact_top(catalogue, queries, 10)
+            assert r.current.item_ids.tolist() == sorted(catalogue)
+        with pytest.raises(RuntimeError):
+            reader.current.index.reconstruct(step * 10)
+        np.testing.assert_allclose(reader.current.index.reconstruct(1000 + step), queries[step], rtol=1e-6)
+    assert [p.name for p in sorted(tmp_path.glob("v*"))] == ["v000001", "v000002", "v000003"]  # the chain stays
+    third = pub.publish(np.array(list(catalogue)), np.stack(list(catalogue.values())), users, _vecs(1), {"step": 4})
+    assert "base" not in third.manifest and (third.path / INDEX_FILE).exists()  # every third version is a base
+    assert reader.refresh() and reader.current.index.base is not base
+    _, top = reader.search(queries, 10, candidates=np.arange(100))
+    assert set(top.ravel().tolist()) <= set(range(100))
+    pub.publish(np.array(list(catalogue)), np.stack(list(catalogue.values())), users, _vecs(1), {"step": 5})
+    assert [p.name for p in sorted(tmp_path.glob("v*"))] == ["v000004", "v000005"]  # the old chain is pruned
+
+
+def test_publish_delta_takes_the_change_itself(tmp_path):
+    pub, reader = IndexPublisher(tmp_path), IndexReader(tmp_path, use_gpu=False)
+    with pytest.raises(RuntimeError, match="base"):
+        pub.publish_delta(np.array([1]), _vecs(1), np.array([], np.int64), np.array([0]), _vecs(1), {})
+    pub.publish(np.arange(50), _vecs(50), np.array([0]), _vecs(1), {"step": 1})
+    new = _vecs(2, seed=5)
+    pub.publish_delta(np.array([7, 99]), new, np.array([3]), np.array([0]), _vecs(1), {"step": 2})
+    assert reader.refresh() and reader.current.index.ntotal == 50
+    assert reader.current.index.contains(np.array([7, 99, 3, 4])).tolist() == [True, True, False, True]
+    _, top = reader.search(new, 1)
+    assert top.ravel().tolist() == [7, 99]

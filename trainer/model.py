@@ -116,7 +116,7 @@ class DenseArch(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, e = cfg.d_model, cfg.embedding_dim
-        self.temperature, self.memer_weights = cfg.temperature, tuple(cfg.memer_weights)
+        self.memer_weights = tuple(cfg.memer_weights)
         self.frames = FrameEncoder(cfg)
         self.text = TextEncoder(cfg)
         self.fuse = nn.Sequential(nn.Linear(2 * d + 2 * e, 2 * e), nn.GELU(), nn.Linear(2 * e, e))
@@ -148,6 +148,9 @@ class DenseArch(nn.Module):
     def item_vector(self, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep) -> torch.Tensor:
         """id_keep [N] in {0,1}: 0 serves the item from content alone (cold or dropped)."""
         content, id_part, _ = self.item_parts(item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames)
+        return self._combine(content, id_part, id_keep)
+
+    def _combine(self, content: torch.Tensor, id_part: torch.Tensor, id_keep: torch.Tensor) -> torch.Tensor:
         return F.normalize((content + id_part * id_keep.to(self.dtype).unsqueeze(1)).float(), dim=-1)
 
     def forward(self, user_emb, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep,
@@ -155,11 +158,11 @@ class DenseArch(nn.Module):
         """(user vectors, item vectors, MEMER loss). memer_inputs = (item_index, freq, mature, labels), see `Memer.loss`."""
         users = self.user_vector(user_emb)
         content, id_part, feat = self.item_parts(item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames)
-        items = F.normalize((content + id_part * id_keep.to(self.dtype).unsqueeze(1)).float(), dim=-1)
+        items = self._combine(content, id_part, id_keep)
         if self.memer is None or memer_inputs is None:
             return users, items, users.new_zeros(())
         item_index, freq, mature, labels = memer_inputs
         mature_vecs = F.normalize((content + id_part).float(), dim=-1).detach()
         base = F.normalize(content.float(), dim=-1).detach()
-        loss = self.memer.loss(feat, base, mature_vecs, freq, mature, users.detach(), item_index, labels, self.temperature, self.memer_weights)
+        loss = self.memer.loss(feat, base, mature_vecs, freq, mature, users.detach(), item_index, labels, self.memer_weights)
         return users, items, loss
