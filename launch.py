@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--cold-fraction", type=float, default=0.15)
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--minutes", type=float, default=10.0, help="the whole run's budget, start-up and scoring included")
+            s.add_argument("--export-split", metavar="DIR", help="write the exact split (npz + README of its fields) to DIR and stop")
         if name in ("demo", "train", "eval"):
             s.add_argument("--workers", type=int)
             s.add_argument("--address", help="join an existing Ray cluster: auto, or ray://head:10001 (default: RAY_ADDRESS, else a local one)")
@@ -161,8 +163,6 @@ def _broker(cfg, args):
 
 
 def _dataset_paths(cfg, args):
-    from pathlib import Path
-
     if args.movielens:
         from streaming.movielens import DEFAULT_DIR, to_generic
 
@@ -192,8 +192,14 @@ def _replay(cfg, args):
 
 
 def _eval(cfg, args):
-    from cluster.evaluate import evaluate_dataset
+    from cluster.evaluate import evaluate_dataset, export_split
+    from streaming.datasets import load_dataset
+    from streaming.replay import split_dataset
 
+    if args.export_split:  # the split only, for an outside model: no training
+        ds = load_dataset(*_dataset_paths(cfg, args))
+        path = export_split(ds, split_dataset(ds, args.cold_fraction, args.seed), args.threshold, Path(args.export_split))
+        return {"split": str(path), "readme": str(path.parent / "README.md"), "seed": args.seed, "cold_fraction": args.cold_fraction}
     return evaluate_dataset(cfg, *_dataset_paths(cfg, args), args.cold_fraction, args.seed, args.minutes, args.threshold)
 
 

@@ -10,6 +10,7 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from streaming.replay import Split, event_of, pack_items, replay, split_dataset
 from streaming.schema import POSITIVE_EVENTS
 from streaming.shards import read_shard
 from trainer import baselines
-from trainer.evaluation import score_metrics
+from trainer.evaluation import exact_scores, score_metrics
 
 log = logging.getLogger(__name__)
 STARTUP_RESERVE_S = 75.0  # Ray start, replay, final publication and scoring, inside the budget
@@ -93,14 +94,78 @@ def evaluate_dataset(cfg: Config, interactions: Path, items: Path | None, images
     return result
 
 
-def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float, shard_dir: Path, seed: int) -> dict:
+@dataclass
+class Protocol:
+    """The candidates and truth every method is scored on (dense ids)."""
+
+    candidates: dict[str, np.ndarray]  # "cold", "warm", "all"
+    train_seen: dict[int, set[int]]  # every training item of a user: not a candidate for them
+    test_pos: dict[int, set[int]]  # warm test positives and every positive on a cold item
+    train_pos: dict[int, set[int]]
+
+
+def protocol(ds: Dataset, split: Split, threshold: float) -> Protocol:
     cold_ids = np.array(sorted(ds.item_ids[k] for k in split.cold_items), np.int64)
     warm_ids = np.array(sorted(set(ds.item_ids.values()) - set(cold_ids.tolist())), np.int64)
-    all_ids = np.concatenate([warm_ids, cold_ids])
-    train_seen = _items_by_user(ds, split.train)
     cold_rows = np.array([i for i, r in enumerate(ds.rows) if r.item in split.cold_items], np.int64)
-    test_pos = _items_by_user(ds, np.concatenate([split.test, cold_rows]), threshold)
-    train_pos = _items_by_user(ds, split.train, threshold)
+    return Protocol({"cold": cold_ids, "warm": warm_ids, "all": np.concatenate([warm_ids, cold_ids])},
+                    _items_by_user(ds, split.train), _items_by_user(ds, np.concatenate([split.test, cold_rows]), threshold),
+                    _items_by_user(ds, split.train, threshold))
+
+
+def export_split(ds: Dataset, split: Split, threshold: float, out: Path) -> Path:
+    """Writes the exact split (`split.npz` and a README of its fields), so an outside model can be
+    trained and scored on the rows, candidates and masks `score_split` uses."""
+    proto = protocol(ds, split, threshold)
+    users = np.array(sorted(proto.test_pos), np.int64)
+    raw_users = np.array(sorted(ds.user_ids, key=ds.user_ids.get), dtype=object).astype(str)
+    raw_items = np.array(sorted(ds.item_ids, key=ds.item_ids.get), dtype=object).astype(str)
+    rows = [ds.rows[i] for i in split.train]
+    arrays = {
+        "train_user": np.array([ds.user_ids[r.user] for r in rows], np.int64),
+        "train_item": np.array([ds.item_ids[r.item] for r in rows], np.int64),
+        "train_ts": np.array([r.ts for r in rows], np.float64),
+        "train_event": np.array([event_of(r, threshold) for r in rows]).astype(str),
+        "user_raw": raw_users, "item_raw": raw_items, "eval_users": users,
+        "test_user": np.array([u for u in users for _ in sorted(proto.test_pos[u])], np.int64),
+        "test_item": np.array([i for u in users for i in sorted(proto.test_pos[u])], np.int64),
+    }
+    for name, cands in proto.candidates.items():
+        arrays[f"{name}_items"] = cands
+        positive = np.array([[int(i) in proto.test_pos.get(int(u), ()) for i in cands] for u in users]).reshape(len(users), len(cands))
+        valid = np.array([[int(i) not in proto.train_seen.get(int(u), ()) for i in cands] for u in users]).reshape(len(users), len(cands))
+        arrays[f"{name}_positive"], arrays[f"{name}_valid"] = np.packbits(positive, axis=1), np.packbits(valid, axis=1)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "split.npz", **arrays)
+    (out / "README.md").write_text(SPLIT_README.format(users=len(users), users_all=len(raw_users), items=len(raw_items), rows=len(rows), threshold=threshold,
+                                                       **{f"n_{k}": len(v) for k, v in proto.candidates.items()}))
+    return out / "split.npz"
+
+
+SPLIT_README = """# A coldstream evaluation split
+
+`split.npz` (numpy). Ids are dense (0..n-1, in order of first appearance in time); `user_raw[d]` and
+`item_raw[d]` are the raw ids of dense id d, as the dataset spells them.
+
+| field | shape | meaning |
+|---|---|---|
+| train_user, train_item, train_ts, train_event | [{rows}] | the training rows, in time order, exactly as replayed into Kafka; event is like/skip (rating >= {threshold} or below), or the file's own event |
+| user_raw, item_raw | [{users_all}], [{items}] | raw ids |
+| eval_users | [{users}] | the users scored: those with a test positive (row r of every mask below is eval_users[r]) |
+| test_user, test_item | pairs | the test positives: warm test rows at or above the threshold, and every positive on a cold item |
+| cold_items, warm_items, all_items | [{n_cold}], [{n_warm}], [{n_all}] | the candidates of each set (dense item ids); columns of the masks |
+| <set>_positive | [{users}, ceil(n/8)] | np.packbits of the test positives (np.unpackbits(m, axis=1, count=n).astype(bool)) |
+| <set>_valid | [{users}, ceil(n/8)] | np.packbits of the candidates each user is ranked over: all but their training items |
+
+Score every valid candidate, rank per user (break ties at random), and average Recall / NDCG at 10 and
+20 over users with a positive among their valid candidates: that is `trainer/evaluation.py:score_metrics`.
+"""
+
+
+def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float, shard_dir: Path, seed: int) -> dict:
+    proto = protocol(ds, split, threshold)
+    cold_ids, warm_ids, all_ids = proto.candidates["cold"], proto.candidates["warm"], proto.candidates["all"]
+    train_seen, test_pos, train_pos = proto.train_seen, proto.test_pos, proto.train_pos
     user_vecs, users = reader.user_vectors(sorted(test_pos))
     users_missing = sorted(set(test_pos) - set(users))  # never in the training stream: no vector, ranked last
     dim = user_vecs.shape[1]
@@ -130,6 +195,11 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
             warm_vecs, [tags.get(i, set()) for i in warm_with_vec], [tags.get(int(i), set()) for i in cold_ids]))),
     }
 
+    # the learned baselines: ALS on the training positives, and content regressed to its item factors
+    user_f, item_f = baselines.als_factors(train_pos, len(ds.user_ids), len(ds.item_ids), seed)
+    content_f = np.where((pos_count > 0)[:, None], item_f, baselines.regressed_factors(features, item_f, np.flatnonzero(pos_count > 0), seed))
+    als_users = user_f[np.array(users, np.int64)]
+
     def matrices(cands: np.ndarray, with_averages: bool) -> dict[str, np.ndarray]:
         """Score matrices per method; the averaging baselines only replace cold items' vectors,
         so on warm candidates they would be the model itself and are left out."""
@@ -139,10 +209,13 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
             "random": baselines.random_scores(len(users), len(cands), seed),
             "popularity": baselines.popularity_scores(pos_count[cands], len(users)),
             "content_knn": baselines.content_knn_scores(liked, features, features[cands]),
+            "als": als_users @ item_f[cands].T,
         }
+        if with_averages:  # a cold item has no ALS factors of its own: its content's regressed ones
+            out["content_to_als"] = als_users @ content_f[cands].T
         for name, table in (averaged.items() if with_averages else ()):
             vecs = np.stack([table.get(int(i), vec_of.get(int(i), zero)) for i in cands])
-            out[name] = user_vecs @ vecs.T
+            out[name] = exact_scores(user_vecs, vecs)
         return out
 
     result: dict = {"baselines": {}}

@@ -229,4 +229,9 @@ def test_launch_broker_exits_when_its_broker_dies_and_restarts_with_its_log(tmp_
         stream.close()
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        try:  # communicate drains both pipes, so a chatty shutdown cannot block on a full one
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"launch.py broker did not stop within 60 s of SIGINT; its stderr ends: {err[-2000:]}")

@@ -81,3 +81,29 @@ def test_replay_announces_first_and_holds_out_what_the_split_says(small, tmp_pat
     assert not {i for kind, i in log if kind == "event"} & cold_ids
     assert len([1 for kind, _ in log if kind == "event"]) == len(split.train)
     assert set(split.train) | set(split.test) == {i for i, r in enumerate(small.rows) if r.item not in split.cold_items}
+
+
+def test_export_split_writes_the_rows_candidates_and_masks_eval_scores_on(tmp_path):
+    """`launch.py eval --export-split`: an outside model gets exactly the protocol's split."""
+    from cluster.evaluate import export_split, protocol
+
+    rng = np.random.default_rng(0)
+    lines = ["user_id,item_id,timestamp,rating"] + [f"u{u},i{i},{k},{rng.integers(1, 6)}"
+                                                    for k, (u, i) in enumerate(rng.integers(0, [20, 15], (200, 2)))]
+    (tmp_path / "inter.csv").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(tmp_path / "inter.csv")
+    split = split_dataset(ds, 0.2, 1)
+    d = np.load(export_split(ds, split, 4.0, tmp_path / "out"))
+    proto = protocol(ds, split, 4.0)
+    assert len(d["train_user"]) == len(split.train) and (tmp_path / "out" / "README.md").exists()
+    first = ds.rows[split.train[0]]
+    assert (d["user_raw"][d["train_user"][0]], d["item_raw"][d["train_item"][0]]) == (first.user, first.item)
+    assert d["eval_users"].tolist() == sorted(proto.test_pos)
+    for name in ("cold", "warm", "all"):
+        cands = d[f"{name}_items"]
+        assert cands.tolist() == proto.candidates[name].tolist()
+        valid = np.unpackbits(d[f"{name}_valid"], axis=1, count=len(cands)).astype(bool)
+        positive = np.unpackbits(d[f"{name}_positive"], axis=1, count=len(cands)).astype(bool)
+        for r, u in enumerate(d["eval_users"]):
+            assert set(cands[~valid[r]].tolist()) == proto.train_seen.get(int(u), set()) & set(cands.tolist())
+            assert set(cands[positive[r]].tolist()) == proto.test_pos[int(u)] & set(cands.tolist())

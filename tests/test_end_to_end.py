@@ -156,7 +156,7 @@ def test_eval_protocol_on_a_movielens_slice(tmp_path):
                  *SMALL, timeout=400)
     for s in ("cold", "warm", "all"):
         assert set(out[s]) >= {"recall@10", "recall@20", "ndcg@10", "ndcg@20", "precision@10", "precision@20", "auc"}
-    assert set(out["baselines"]) == {"random", "popularity", "content_knn", "global_avg", "tag_avg"}
+    assert set(out["baselines"]) == {"random", "popularity", "content_knn", "global_avg", "tag_avg", "als", "content_to_als"}
     assert out["run"]["rows_skipped"] == 1 and out["run"]["train_steps"] > 0
     assert out["warm"]["auc"] > 0.6  # trained on warm items: far above chance
     assert (tmp_path / "ev" / "eval.md").exists() and (tmp_path / "ev" / "eval.png").exists()

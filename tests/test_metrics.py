@@ -1,8 +1,9 @@
 import math
 
+import numpy as np
 import pytest
 
-from trainer.evaluation import ranking_metrics
+from trainer.evaluation import exact_scores, ranking_metrics, score_metrics
 
 
 def test_hand_computed_ranking():
@@ -40,3 +41,21 @@ def test_score_metrics_match_hand_computation():
     # AUC user1: positives {3,1} vs negatives {4,2}: pairs correct (3>2),(1<4),(3<4),(1<2) -> 1/4
     # user2: positive 1 vs negatives {2,4} -> 0
     assert m["auc"] == pytest.approx((0.25 + 0.0) / 2)
+
+
+def test_scores_equal_in_exact_arithmetic_tie_and_rank_like_random():
+    """One shared vector for every candidate (the global-average baseline): every candidate must get
+    the same score, bit for bit, so the random tie-break decides, not the candidate's position."""
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(943, 64)).astype(np.float32)
+    shared = np.tile(rng.normal(size=64).astype(np.float32), (252, 1))
+    scores = exact_scores(users, shared)
+    assert (scores == scores[:, :1]).all()
+    mixed = np.concatenate([shared, rng.normal(size=(5, 64)).astype(np.float32)])
+    np.testing.assert_allclose(exact_scores(users, mixed), users @ mixed.T, rtol=1e-5, atol=1e-5)
+    positive = rng.random((943, 252)) < 0.05
+    valid = np.ones_like(positive)
+    cands, ids = np.arange(252), list(range(943))
+    tied = score_metrics(scores, positive, valid, ids, cands)
+    zero = score_metrics(np.zeros_like(scores), positive, valid, ids, cands)
+    assert tied == zero  # exactly the random order's figures
