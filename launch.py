@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.message, file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C / SIGINT stops cleanly even when this was started from a script's background job, which
+    # inherits SIGINT ignored (and Python then installs no handler): measured, a `launch.py broker` so
+    # started never stopped on SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = COMMANDS[args.command](cfg, args)
     except ConfigError as exc:  # an impossible setup found after start (topic, GPUs): named, exit 2

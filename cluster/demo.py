@@ -65,6 +65,7 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
         "step_examples_per_s": round(final.get("step_examples_per_s", 0.0), 1),
         "loop_step_ratio": round(final.get("loop_step_ratio", 0.0), 3),
         "device": final.get("device"),
+        "workers": cfg.train.workers,
         "precision": final.get("precision"),
         "final_loss": final.get("final_loss"),
         "index_versions": reader.version,
