@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.message, file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
-    # Ctrl-C / SIGINT stops cleanly even when this was started from a script's background job, which
-    # inherits SIGINT ignored (and Python then installs no handler): measured, a `launch.py broker` so
-    # started never stopped on SIGINT.
+    # Ctrl-C / SIGINT stops cleanly even when this was started as a script's background job: such a
+    # process inherits SIGINT ignored, and Python then installs no handler of its own.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = COMMANDS[args.command](cfg, args)
