@@ -233,14 +233,14 @@ class IndexPublisher:
         _fsync(latest_tmp)
         os.replace(latest_tmp, self.root / LATEST)
         _fsync(self.root)
+        needed = self._prune()
+        if self.remote:
+            self._upload(final, needed)  # first: a version the store lacks must not become the base of later deltas
         if base is not None:
             self._base, self._segments, self._since_base, self._base_rows = name, [], 0, len(base[0])
         else:
             self._segments.append(name)
             self._since_base += len(delta[0]) + len(delta[2])
-        needed = self._prune()
-        if self.remote:
-            self._upload(final, needed)
         return Published(version, final, manifest)
 
     def _prune(self) -> set[str]:

@@ -34,9 +34,10 @@ def gpu_available() -> bool:
 class LoadedVersion:
     version: int
     manifest: dict
-    index: LayeredIndex
+    index: LayeredIndex  # what is served: the published index plus what a caller adds live (posted items)
     user_rows: dict[int, int]
     user_vectors: np.ndarray
+    published: LayeredIndex  # the version as published, never modified: the next version derives from it
     extras: dict = field(default_factory=dict)  # what a caller attaches while preparing it (see refresh)
 
     @cached_property
@@ -95,15 +96,16 @@ class IndexReader:
             if not self._verified(path, manifest):
                 return False
             index = self._index(name, manifest)
-        except (FileNotFoundError, json.JSONDecodeError, KeyError) as exc:  # pruned under us, or half a chain
+            with np.load(path / USERS_FILE) as users:
+                user_ids, user_vectors = users["ids"], users["vectors"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, RuntimeError) as exc:  # pruned under us (faiss: RuntimeError)
             log.warning("version %s incomplete (%s); keeping %s", name, exc, self.version)
             return False
         if index is None:
             return False
-        users = np.load(path / USERS_FILE)
         manifest["name"] = name
-        loaded = LoadedVersion(manifest["version"], manifest, index, {int(u): r for r, u in enumerate(users["ids"])},
-                               users["vectors"])
+        loaded = LoadedVersion(manifest["version"], manifest, index.derive(), {int(u): r for r, u in enumerate(user_ids)},
+                               user_vectors, published=index)
         if prepare is not None:
             prepare(path, loaded)
         with self._lock:
@@ -129,15 +131,22 @@ class IndexReader:
                 shutil.rmtree(tmp, ignore_errors=True)
                 for f in (*files, MANIFEST):
                     storage.get_file(storage.join(self.remote, part, f), tmp / f)
+                if not self._verified(tmp, {"checksums": files}):  # never cache a bad copy
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return None
                 tmp.rename(local)
         except (OSError, KeyError, json.JSONDecodeError) as exc:
             log.warning("index store %s unreadable (%s); keeping %s", self.remote, exc, self.version)
             return None
-        keep = set(chain) | ({self._current.manifest["name"], *_chain(self._current.manifest, self._current.manifest["name"])[1],
-                              _chain(self._current.manifest, self._current.manifest["name"])[0]} if self._current else set())
+        keep = set(chain)  # and what the served version is built on, until the swap
+        if self._current is not None:
+            served_base, served_segments = _chain(self._current.manifest, self._current.manifest["name"])
+            keep |= {served_base, *served_segments}
         for old in self.root.glob("v[0-9]*"):
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
+        (self.root / f".{LATEST}.tmp").write_text(name)  # the cache reads like a published directory
+        (self.root / f".{LATEST}.tmp").replace(self.root / LATEST)
         return name
 
     def _verified(self, path: Path, manifest: dict, only: tuple[str, ...] | None = None) -> bool:
@@ -154,7 +163,7 @@ class IndexReader:
         cur = self._current
         cur_base, cur_segments = _chain(cur.manifest, cur.manifest["name"]) if cur else (None, [])
         if cur is not None and cur_base == base and segments[:len(cur_segments)] == cur_segments:
-            index, todo = cur.index.derive(), segments[len(cur_segments):]
+            index, todo = cur.published.derive(), segments[len(cur_segments):]
         else:
             base_dir = self.root / base
             if base != name and not self._verified(base_dir, json.loads((base_dir / MANIFEST).read_text()), (INDEX_FILE, ITEMS_FILE)):

@@ -7,6 +7,7 @@ costs only its own items, each skipped with a logged reason.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -86,24 +87,23 @@ def read_shard(url: str, n_frames: int, size: int) -> dict[int, ItemContent]:
     out: dict[int, ItemContent] = {}
     # Every worker needs every item, so no node/worker splitting; and no handler: a
     # truncated or garbled tar raises, and the caller skips the shard's items.
-    if storage.is_remote(url):
-        if not storage.exists(url):
-            raise FileNotFoundError(f"shard {url} does not exist")
-        fs, key = storage.filesystem(url)
-        stream = fs.open_input_stream(key)
-        samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
-    else:
-        path = url[len("file://"):] if url.startswith("file://") else url
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"shard {url} does not exist")
-        samples = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
-    for sample in samples:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        item_id = int(meta.get("item_id", sample["__key__"]))
-        frame_keys = sorted(k for k in sample if k.startswith("frame") and k.endswith(IMAGE_EXTS))
-        frames = decode_frames([sample[k] for k in frame_keys], n_frames, size)
-        text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else ""
-        out[item_id] = ItemContent(item_id, frames, bool(frame_keys), text, meta)
+    with contextlib.ExitStack() as stack:
+        if storage.is_remote(url):
+            fs, key = storage.filesystem(url)
+            stream = stack.enter_context(fs.open_input_stream(key))  # FileNotFoundError names a missing shard
+            samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+        else:
+            path = url[len("file://"):] if url.startswith("file://") else url
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"shard {url} does not exist")
+            samples = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+        for sample in samples:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            item_id = int(meta.get("item_id", sample["__key__"]))
+            frame_keys = sorted(k for k in sample if k.startswith("frame") and k.endswith(IMAGE_EXTS))
+            frames = decode_frames([sample[k] for k in frame_keys], n_frames, size)
+            text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else ""
+            out[item_id] = ItemContent(item_id, frames, bool(frame_keys), text, meta)
     return out
 
 

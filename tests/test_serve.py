@@ -28,8 +28,9 @@ def small_model():
                        temporal_layers=1, text_layers=1, memer_hidden=16)
 
 
-def publish_version(root: Path, step: int, n_items: int = 60, n_users: int = 8, seed: int = 0) -> None:
-    """A version as the trainer writes it: index, users, seen pairs and the mapping artefact."""
+def publish_version(root: Path, step: int, n_items: int = 60, n_users: int = 8, seed: int = 0, pub=None):
+    """A version as the trainer writes it: index, users, seen pairs and the mapping artefact. With the
+    same `pub` twice and the same seed, the second is a delta segment (nothing changed)."""
     import torch
 
     from embeddings.mapping import MAPPING_FILE, save_mapping
@@ -42,13 +43,13 @@ def publish_version(root: Path, step: int, n_items: int = 60, n_users: int = 8, 
     rng = np.random.default_rng(seed)
     unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.normal(size=(n, 16)).astype(np.float32))
     items = np.arange(100, 100 + n_items)
-    pub = IndexPublisher(root)
+    pub = pub or IndexPublisher(root)
     mapping = {}
     clusters = (rng.normal(size=(4, 8 * 8 * 3)), rng.normal(size=(4, 512)))
     rows = (rng.normal(size=(4, 16)), rng.normal(size=(4, 16)))
-    pub.publish(items, unit(n_items), np.arange(n_users), unit(n_users), {"step": step, "mapping": mapping},
-                {MAPPING_FILE: lambda p: mapping.update(save_mapping(dense, cfg, 5, clusters, rows, p)),
-                 "seen.npz": lambda p: np.savez(p, pairs=np.array([[0, 100], [0, 101], [0, 102]]))})
+    return pub.publish(items, unit(n_items), np.arange(n_users), unit(n_users), {"step": step, "mapping": mapping},
+                       {MAPPING_FILE: lambda p: mapping.update(save_mapping(dense, cfg, 5, clusters, rows, p)),
+                        "seen.npz": lambda p: np.savez(p, pairs=np.array([[0, 100], [0, 101], [0, 102]]))})
 
 
 def png(colour) -> bytes:
@@ -144,6 +145,26 @@ def test_versions_swap_under_load_without_errors(service):
     assert requests.get(f"{url}/healthz").json()["version"] == 3
     # the posted item was carried into the new versions
     assert requests.get(f"{url}/similar", params={"item_id": 5000, "k": 3}).status_code == 200
+
+
+def test_a_posted_item_is_carried_across_delta_segments_and_bases(service):
+    """A delta derives from the version as published, not from the live index with the posted
+    item in it: the item stays posted (not mistaken for a trained one) and survives the next base."""
+    from embeddings.publish import IndexPublisher
+
+    url, root = service
+    requests.post(f"{url}/items", data={"item_id": 5001, "title": "posted"},
+                  files=[("image", ("a.png", png((10, 200, 10)), "image/png"))]).raise_for_status()
+    pub = IndexPublisher(root)
+    for step, kind in ((2, "base"), (3, "delta"), (4, "base")):
+        got = publish_version(root, step=step, pub=pub if kind == "delta" else IndexPublisher(root) if step == 4 else pub)
+        assert bool(got.manifest.get("base")) == (kind == "delta")
+        deadline = time.monotonic() + 20
+        while requests.get(f"{url}/healthz").json()["version"] != step:
+            assert time.monotonic() < deadline, f"version {step} was not picked up"
+            time.sleep(0.2)
+        assert requests.get(f"{url}/similar", params={"item_id": 5001, "k": 3}).status_code == 200, kind
+        assert "coldstream_items_posted 1.0" in requests.get(f"{url}/metrics").text, kind
 
 
 def test_bad_requests_get_4xx_and_the_service_keeps_running(service):

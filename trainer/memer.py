@@ -115,7 +115,8 @@ class Memer(nn.Module):
         mature = mature.float()
         pair_w = mature[item_index]
         own = F.one_hot(item_index, len(feat)).float()  # [B, U]
-        same_user = (users @ users.T > 1 - 1e-6).float()
+        eye = torch.eye(len(users), dtype=torch.bool, device=users.device)
+        same_user = ((users @ users.T > 1 - 1e-6) | eye).float()  # eye: the example's own item, even for a zero user vector
         negative = ((same_user @ own) == 0).float() * mature[None, :]  # [B, U]: mature items no example of this user has
         total = feat.new_zeros((), dtype=torch.float32)
         for s, m in enumerate(self.maps.values()):
