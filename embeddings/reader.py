@@ -121,7 +121,8 @@ class IndexReader:
             if self._current is not None and name == self._current.manifest["name"]:
                 return name
             manifest = json.loads(storage.read_bytes(storage.join(self.remote, name, MANIFEST)))
-            chain = [manifest["base"], *manifest["segments"]] if manifest.get("base") else [name]
+            base, segments = _chain(manifest, name)
+            chain = [base, *segments]
             for part in chain:
                 local = self.root / part
                 if (local / MANIFEST).exists():
