@@ -36,7 +36,7 @@ def bare_loop(bootstrap: str, cfg: KafkaConfig, n: int) -> float:
 
 
 def pipeline(bootstrap: str, cfg: KafkaConfig, n: int) -> float:
-    s = InteractionStream(cfg, bootstrap, list(range(cfg.interaction_partitions)), 10**6, 10**6)
+    s = InteractionStream(cfg, bootstrap, list(range(cfg.interaction_partitions)))
     got, t0 = 0, time.perf_counter()
     while s.stats.consumed < n:
         got += len(s.poll())

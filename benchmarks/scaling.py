@@ -45,7 +45,7 @@ def _rank(rank: int, world: int, port: int, items: int, out) -> None:
 
     rng = np.random.default_rng(rank)
     kjt = _two_feature_kjt(rng.integers(0, USERS, BATCH), rng.integers(0, items, BATCH))
-    sparse = shard_sparse_arch(ModelConfig(max_users=USERS, max_items=items), torch.device("cpu"), 0.05)
+    sparse = shard_sparse_arch(ModelConfig(user_rows=USERS, item_rows=items), torch.device("cpu"), 0.05)
 
     def step():
         emb = sparse(kjt)

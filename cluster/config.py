@@ -9,7 +9,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from streaming.config import KafkaConfig, Strict, WorldConfig
-from trainer.config import ModelConfig, OptimConfig
+from trainer.config import ID_BUCKETS, ModelConfig, OptimConfig
 
 
 class TrainLoopConfig(Strict):
@@ -51,11 +51,10 @@ class Config(Strict):
     publish: PublishConfig = PublishConfig()
 
     @model_validator(mode="after")
-    def _world_fits_tables(self) -> "Config":
-        if self.world.n_users > self.model.max_users:
-            raise ValueError(f"world.n_users={self.world.n_users} exceeds model.max_users={self.model.max_users}")
-        if self.world.initial_items + self.world.new_items > self.model.max_items:
-            raise ValueError(f"world.initial_items + world.new_items exceeds model.max_items={self.model.max_items}")
+    def _workers_split_tables(self) -> "Config":
+        if ID_BUCKETS % self.train.workers:
+            raise ValueError(f"train.workers={self.train.workers} must divide {ID_BUCKETS}: each worker owns whole buckets "
+                             "of the ID tables, so that checkpoints reshard between worker counts")
         return self
 
     @property

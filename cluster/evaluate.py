@@ -35,10 +35,9 @@ STARTUP_RESERVE_S = 75.0  # Ray start, replay, final publication and scoring, in
 
 
 def size_for(cfg: Config, ds: Dataset, minutes: float) -> Config:
-    """Tables sized to the dataset, clip length to its images, training time to the budget."""
+    """Clip length sized to the dataset's images, training time to the budget. (The ID tables are
+    not sized to it: they hold `model.user_rows` / `item_rows` and evict beyond that.)"""
     cfg = cfg.model_copy(deep=True)
-    cfg.model.max_users = max(cfg.model.max_users, len(ds.user_ids))
-    cfg.model.max_items = max(cfg.model.max_items, len(ds.item_ids))
     most_frames = max((len(ds.images(k)) for k in ds.item_ids), default=0)
     cfg.model.frames = max(1, min(cfg.model.frames, most_frames))
     cfg.train.duration_s = max(20.0, minutes * 60 - STARTUP_RESERVE_S)

@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from embeddings.mapping import MAPPING_FILE, EarlyStageMapper
 from embeddings.reader import IndexReader, LoadedVersion
 from streaming import storage
+from streaming.schema import MAX_ID_CHARS, id_key, parse_id
 
 log = logging.getLogger("coldstream.serve")
 K_CAP = 1000
@@ -40,7 +41,7 @@ Count = Annotated[int, Query(ge=1, le=K_CAP, description=f"how many items, 1..{K
 
 
 class Scored(BaseModel):
-    item_id: int
+    item_id: int | str  # as the stream carries it
     score: float
 
 
@@ -50,7 +51,7 @@ class Ranked(BaseModel):
 
 
 class Posted(BaseModel):
-    item_id: int
+    item_id: int | str
     version: int
     latency_ms: float
 
@@ -80,7 +81,8 @@ class Metrics:
 class Service:
     def __init__(self, index_dir: str | Path, poll_s: float = 0.5):
         self.reader = IndexReader(index_dir, use_gpu=False)  # live inserts go to the CPU index
-        self.posted: dict[int, np.ndarray] = {}
+        self.posted: dict[int, np.ndarray] = {}  # by key
+        self.posted_names: dict[int, str] = {}  # the string ids among them
         self.metrics = Metrics(self)
         self.poll_s = poll_s
         self._halt = threading.Event()
@@ -97,10 +99,12 @@ class Service:
             for u, i in np.load(path / "seen.npz")["pairs"].tolist():
                 seen.setdefault(u, set()).add(i)
         loaded.extras["seen"] = seen
+        loaded.names.update(self.posted_names)
         posted = np.array(list(self.posted), np.int64)
         for item, trained in zip(posted.tolist(), loaded.index.contains(posted)):
             if trained:
                 del self.posted[item]  # the trainer serves it now
+                self.posted_names.pop(item, None)
             else:
                 loaded.index.add_with_ids(self.posted[item][None], np.array([item], np.int64))
 
@@ -140,39 +144,46 @@ class Service:
     def _ranked(self, cur: LoadedVersion, query: np.ndarray, k: int, exclude: set[int]) -> Ranked:
         with cur.extras["lock"]:
             scores, ids = cur.index.search(query[None].astype(np.float32), min(k + len(exclude), cur.index.ntotal))
-        items = [Scored(item_id=int(i), score=float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in exclude]
+        items = [Scored(item_id=cur.raw_id(int(i)), score=float(s)) for s, i in zip(scores[0], ids[0])
+                 if i >= 0 and int(i) not in exclude]
         return Ranked(version=cur.version, items=items[:k])
 
-    def recommend(self, user_id: int, k: int) -> Ranked:
+    def recommend(self, user_id: str, k: int) -> Ranked:
         cur = self.current()
-        row = cur.user_rows.get(user_id)
+        key = cur.key(user_id, cur.user_rows.__contains__)
+        row = cur.user_rows.get(key)
         if row is None:
             raise HTTPException(404, f"unknown user_id {user_id} in version {cur.version}")
-        return self._ranked(cur, cur.user_vectors[row], k, cur.extras["seen"].get(user_id, set()))
+        return self._ranked(cur, cur.user_vectors[row], k, cur.extras["seen"].get(key, set()))
 
-    def similar(self, item_id: int, k: int) -> Ranked:
+    def similar(self, item_id: str, k: int) -> Ranked:
         cur = self.current()
         with cur.extras["lock"]:
+            key = cur.key(item_id, lambda k: bool(cur.index.contains(np.array([k], np.int64))[0]))
             try:
-                vec = cur.index.reconstruct(item_id)
+                vec = cur.index.reconstruct(key)
             except RuntimeError:
                 raise HTTPException(404, f"unknown item_id {item_id} in version {cur.version}") from None
-        return self._ranked(cur, vec, k, {item_id})
+        return self._ranked(cur, vec, k, {key})
 
-    def add_item(self, item_id: int, title: str, tags: list[str], images: list[bytes]) -> Posted:
+    def add_item(self, item_id: str, title: str, tags: list[str], images: list[bytes]) -> Posted:
         started = time.perf_counter()
         cur = self.current()
         mapper = cur.extras["mapper"]
         if mapper is None:
             raise HTTPException(409, f"version {cur.version} has no early-stage mapping (MEMER is off); cannot embed new items")
         vec = mapper.embed(images, title, tags).astype(np.float32)
+        raw = parse_id(item_id)
+        key = id_key(raw)
         with self._posting:
             cur = self.current()  # a version swapped in while embedding has carried the older posts over
             with cur.extras["lock"]:
-                cur.index.remove_ids(np.array([item_id], np.int64))
-                cur.index.add_with_ids(vec[None], np.array([item_id], np.int64))
-            self.posted[item_id] = vec
-        return Posted(item_id=item_id, version=cur.version, latency_ms=round((time.perf_counter() - started) * 1000, 2))
+                cur.index.remove_ids(np.array([key], np.int64))
+                cur.index.add_with_ids(vec[None], np.array([key], np.int64))
+            self.posted[key] = vec
+            if isinstance(raw, str):
+                self.posted_names[key] = cur.names[key] = raw
+        return Posted(item_id=raw, version=cur.version, latency_ms=round((time.perf_counter() - started) * 1000, 2))
 
 
 def create_app(index_dir: str | Path, poll_s: float = 0.5) -> FastAPI:
@@ -202,16 +213,16 @@ def create_app(index_dir: str | Path, poll_s: float = 0.5) -> FastAPI:
         return response
 
     @app.get("/recommend", response_model=Ranked)
-    def recommend(user_id: int, k: Count = 20) -> Ranked:
+    def recommend(user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)], k: Count = 20) -> Ranked:
         """Top k items for a user, leaving out the items the version knows they interacted with."""
         return service.recommend(user_id, k)
 
     @app.get("/similar", response_model=Ranked)
-    def similar(item_id: int, k: Count = 20) -> Ranked:
+    def similar(item_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)], k: Count = 20) -> Ranked:
         return service.similar(item_id, k)
 
     @app.post("/items", response_model=Posted)
-    async def post_item(item_id: Annotated[int, Form()], title: Annotated[str, Form()],
+    async def post_item(item_id: Annotated[str, Form(min_length=1, max_length=MAX_ID_CHARS)], title: Annotated[str, Form()],
                         image: Annotated[list[UploadFile], File(description="one or more frames")],
                         tags: Annotated[str, Form(description="|-separated")] = "") -> Posted:
         """Embeds a brand-new item with the published MEMER mapping and serves it at once."""

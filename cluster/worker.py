@@ -30,12 +30,13 @@ from cluster.pipeline import Prefetcher, StepClock
 from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
 from embeddings.mapping import MAPPING_FILE, save_mapping
 from embeddings.maturity import StabilityCurve
-from embeddings.publish import IndexPublisher
-from embeddings.tables import shard_sparse_arch
+from embeddings.publish import NAMES_FILE, IndexPublisher
+from embeddings.tables import evictions, holds_row, shard_sparse_arch
 from streaming.consumer import InteractionStream, ItemFeed, owned_partitions
-from streaming.schema import EVENT_TYPES
+from streaming.schema import EVENT_TYPES, INT_ID_LIMIT, id_key
 from streaming.shards import ShardCache
-from trainer.batch import ContentStore, make_batch
+from trainer.batch import ContentStore, make_batch, spread
+from trainer.counts import KeyedCounts
 from trainer.memer import stage
 from trainer.model import DenseArch
 from trainer.step import TrainStep, cluster_rows, export_vectors
@@ -134,10 +135,13 @@ class Worker:
         self.step_fn = TrainStep(self.sparse, self.engine, m.temperature, self.device)
 
         self.step = 0
-        self.counts = np.zeros(m.max_items, np.int64)  # events seen per item on this worker's partitions
-        self.item_positives = np.zeros(m.max_items, np.int64)  # positives queued for training, per item / user
-        self.user_positives = np.zeros(m.max_users, np.int64)
+        # Users and items are int64 keys (streaming.schema.id_key) from here on; a string id's raw
+        # name is kept beside its key, for what leaves the system (the published index).
+        self.counts = KeyedCounts()  # events seen per item on this worker's partitions
+        self.item_positives = KeyedCounts()  # positives queued for training, per item / user
+        self.user_positives = KeyedCounts()
         self.users: set[int] = set()
+        self.names: dict[int, str] = {}
         self.clusters: tuple[ClusterModel, ClusterModel] | None = None
         # Positives travel as (user, item, partition, offset, event code): the source position says up
         # to where every event is trained (`trained_positions`), and who owns the pair after an
@@ -154,8 +158,9 @@ class Worker:
         # publication) teach the mapping.
         self.curve = StabilityCurve(m.maturity_epsilon)
         self.maturity = m.maturity_threshold
-        self.mature = np.zeros(m.max_items, bool)
-        self.item_updates = np.zeros(m.max_items, np.int64)  # times each item was in a batch (fresh or replayed)
+        self.mature_keys = np.zeros(0, np.int64)  # sorted; as of the last publication
+        self.item_updates = KeyedCounts()  # times each item was in a batch (fresh or replayed)
+        self.evictions_before = 0  # ID-table evictions in runs before this one (from the checkpoint)
         # Freshness: (partition, offset, broker time) of events not yet in a version; announcement times.
         self.event_times: list = []  # [partition, offset, broker time]
         self.announced: dict[int, float] = {}
@@ -164,11 +169,11 @@ class Worker:
         if checkpoint:
             with checkpoint.as_directory() as d:
                 restored = self._restore(Path(d))
-        self.stream = InteractionStream(cfg.kafka, bootstrap, self.parts, m.max_users, m.max_items, restored.offsets,
-                                        f"coldstream-w{self.rank}", restored.cluster_id)
+        self.stream = InteractionStream(cfg.kafka, bootstrap, self.parts, restored.offsets, f"coldstream-w{self.rank}",
+                                        restored.cluster_id)
         for name, value in restored.stats.items():  # in place: the stream's BrokerWatch counts into the same object
             setattr(self.stream.stats, name, value)
-        self.feed = ItemFeed(cfg.kafka, bootstrap, m.max_items, f"coldstream-items-w{self.rank}", restored.feed_offsets,
+        self.feed = ItemFeed(cfg.kafka, bootstrap, f"coldstream-items-w{self.rank}", restored.feed_offsets,
                              restored.cluster_id)
         self.unclustered: list = []  # content read before the cluster model exists
         self.publisher = IndexPublisher(cfg.location("index"), cfg.publish.keep_versions, cfg.publish.index_factory,
@@ -188,33 +193,46 @@ class Worker:
         frame_km, text_km = self.clusters
         fc = int(frame_km.assign(frame_descriptor(content.frames)[None])[0])
         tc = int(text_km.assign(text_descriptor(content.text)[None])[0])
-        self.store.add(content.item_id, content.frames, content.has_frames, content.text, fc, tc)
-        for user, part, offset, event in self.waiting.pop(content.item_id, []):
-            self.fresh.append((user, content.item_id, part, offset, event))
+        key = id_key(content.item_id)
+        self.store.add(key, content.frames, content.has_frames, content.text, fc, tc)
+        for user, part, offset, event in self.waiting.pop(key, []):
+            self.fresh.append((user, key, part, offset, event))
+
+    def _name(self, raw) -> int:
+        key = id_key(raw)
+        if key >= INT_ID_LIMIT:
+            self.names[key] = raw
+        return key
 
     def _ingest(self, timeout_ms: int | None = None) -> None:
         """Reads what arrived; waits up to `timeout_ms` (the consumer's poll timeout by default)."""
         for ann in self.feed.poll():
-            self.announced.setdefault(ann.item_id, ann.kafka_ts)
+            key = self._name(ann.item_id)
+            self.announced.setdefault(key, ann.kafka_ts)
             content = self.shards.fetch(ann.item_id, ann.shard_url)
             if content is None:
-                self.dropped_unknown_item += len(self.waiting.pop(ann.item_id, []))
+                self.dropped_unknown_item += len(self.waiting.pop(key, []))
             elif self.clusters is None:
                 self.unclustered.append(content)
             else:
                 self._add_content(content)
+        seen: list[int] = []
         for ev in self.stream.poll(timeout_ms):
-            self.counts[ev.item_id] += 1
-            self.users.add(ev.user_id)
+            user = ev.user_id if type(ev.user_id) is int else self._name(ev.user_id)  # noqa: E721 - the hot path
+            item = ev.item_id if type(ev.item_id) is int else self._name(ev.item_id)  # noqa: E721
+            seen.append(item)
+            self.users.add(user)
             self.event_times.append((ev.partition, ev.offset, ev.kafka_ts))
             if not ev.positive:
                 continue
-            if ev.item_id in self.store:
-                self.fresh.append((ev.user_id, ev.item_id, ev.partition, ev.offset, EVENT_CODE[ev.event]))
-            elif ev.item_id in self.shards.skipped:
+            if item in self.store:
+                self.fresh.append((user, item, ev.partition, ev.offset, EVENT_CODE[ev.event]))
+            elif item in self.shards.skipped:
                 self.dropped_unknown_item += 1
             else:
-                self.waiting[ev.item_id].append((ev.user_id, ev.partition, ev.offset, EVENT_CODE[ev.event]))
+                self.waiting[item].append((user, ev.partition, ev.offset, EVENT_CODE[ev.event]))
+        if seen:
+            self.counts.add(np.array(seen, np.int64))
 
     def _fit_clusters(self) -> None:
         """Rank 0 fits k-means on the first announced items; every rank gets the same centroids."""
@@ -261,17 +279,23 @@ class Worker:
         rows = np.array(take, np.int64).reshape(-1, 5)
         fresh = rows[:, [0, 1, 4]]
         self.replay.add(fresh)
-        np.add.at(self.user_positives, fresh[:, 0], 1)
-        np.add.at(self.item_positives, fresh[:, 1], 1)
+        self.user_positives.add(fresh[:, 0])
+        self.item_positives.add(fresh[:, 1])
         pairs = fresh if len(fresh) == b else np.concatenate([fresh, self.replay.sample(self.rng, b - len(fresh))])
-        np.add.at(self.item_updates, pairs[:, 1], 1)
+        self.item_updates.add(pairs[:, 1])
         batch = make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng,
-                           self.item_positives, self.user_positives, pairs[:, 2], self.cfg.model.memer_signals,
-                           self.mature if self.mature.any() else self.counts * self.world >= self.maturity)
+                           self.item_positives, self.user_positives, pairs[:, 2], self.cfg.model.memer_signals, self._mature)
         self.built += 1
         batch.seq = self.built
         self.inflight[batch.seq] = rows
         return batch
+
+    def _mature(self, items: np.ndarray) -> np.ndarray:
+        """Whether MEMER may learn from each item: mature at the last publication, or before any
+        item was, by this worker's share of its events scaled to all workers."""
+        if len(self.mature_keys) == 0:
+            return self.counts.get(items) * self.world >= self.maturity
+        return np.isin(items, self.mature_keys, assume_unique=False)
 
     def _untrained(self) -> np.ndarray:
         """(user, item, partition, offset, event) consumed but not trained yet: in built batches, then queued as fresh."""
@@ -322,25 +346,29 @@ class Worker:
         # Called with the input thread paused or closed: it polls the consumer and moves pairs.
         seen = np.unique(self.replay.ordered()[:, :2], axis=0)
         trained = self.trained_positions()
-        dist.all_gather_object(gathered, (set(self.store.items), self.users, trained, seen), group=self.control)
+        dist.all_gather_object(gathered, (set(self.store.items), self.users, trained, seen, self.names), group=self.control)
         items = np.array(sorted(set.intersection(*(g[0] for g in gathered))), np.int64)
         users = np.array(sorted(set.union(*(g[1] for g in gathered))), np.int64)
         if len(items) == 0 or len(users) == 0:  # the same on every rank: nothing to serve yet
             return {}
-        counts = torch.from_numpy(np.stack([self.counts, self.item_updates]).astype(np.float64))
+        counts = torch.from_numpy(np.stack([self.counts.get(items), self.item_updates.get(items)]).astype(np.float64))
         dist.all_reduce(counts, group=self.control)
         counts, updates = counts.numpy().astype(np.int64)
+        has_row = holds_row(self.sparse, "item_ids", spread(items), group=self.control)
+        evicted = int(self._sum([sum(evictions(self.sparse).values())])[0]) + self.evictions_before
         m = self.cfg.model
         variants, user_vecs = export_vectors(self.sparse, self.engine.module, self.store, items, users,
-                                             stage(torch.from_numpy(counts[items]), self.maturity).numpy(), self.device,
+                                             stage(torch.from_numpy(counts), self.maturity).numpy(), self.device,
                                              group=self.control)
-        self.curve.update(items, counts[items], updates[items], variants["full"])  # every rank: the same vectors, the same M
+        # every rank: the same vectors, the same M; an item without a row has no ID embedding to measure
+        self.curve.update(items[has_row], counts[has_row], updates[has_row], variants["full"][has_row])
         measured = self.curve.threshold()
         self.maturity = measured or self.maturity
-        self.mature = counts >= self.maturity
-        mature = self.mature[items]
+        mature = counts >= self.maturity
+        self.mature_keys = items[mature]
+        # an item that lost its row (or never held one) is served from its content, as a young one is
         early = f"early_{m.memer_signals[0]}" if m.memer_signals else "content"
-        item_vecs = np.where(mature[:, None], variants["full"], variants[early])
+        item_vecs = np.where((mature & has_row)[:, None], variants["full"], variants[early])
         event_lat, item_lat = self._freshness(trained, time.time())
         rows = (cluster_rows(self.sparse, len(self.clusters[0].centroids), len(self.clusters[1].centroids), self.device)
                 if m.memer_signals else None)  # a collective: every rank or none, and only the mapping needs it
@@ -349,7 +377,9 @@ class Worker:
         if self.rank != 0:
             return {}
         pairs = np.concatenate([g[3] for g in gathered])
-        info = {"step": self.step, "mature_items": int(mature.sum()), "kafka_offsets": {
+        names = {k: v for g in gathered for k, v in g[4].items()}
+        info = {"step": self.step, "mature_items": int(mature.sum()), "items_without_row": int((~has_row).sum()),
+                "evictions": evicted, "kafka_offsets": {
             self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}},
             "maturity": {"threshold": self.maturity, "epsilon": m.maturity_epsilon, "measured": measured is not None,
                          "curve": self.curve.curve()},
@@ -357,12 +387,15 @@ class Worker:
             "freshness": {"event_to_version_s": percentiles(np.concatenate([x[0] for x in lat])),
                           "announce_to_servable_s": percentiles(np.concatenate([x[1] for x in lat]))}}
         info["publish_s"] = round(time.monotonic() - started, 3)  # export and gathers; the write follows
-        extra = {EARLY_FILE: lambda path: np.savez(path, ids=items, counts=counts[items], **variants),
+        extra = {EARLY_FILE: lambda path: np.savez(path, ids=items, counts=counts, **variants),
                  "seen.npz": lambda path: np.savez(path, pairs=np.unique(pairs, axis=0))}
         if m.memer_signals:
             centroids = (self.clusters[0].centroids, self.clusters[1].centroids)
             info["mapping"] = save_mapping(self.engine.module, m, self.maturity, centroids, rows, self.run_dir / f".{MAPPING_FILE}.rank0")
             extra[MAPPING_FILE] = lambda path: (self.run_dir / f".{MAPPING_FILE}.rank0").replace(path)
+        if names:  # string ids: the index is keyed by their int64 keys, and this says which string each is
+            extra[NAMES_FILE] = lambda path: path.write_text(json.dumps({str(k): names[k] for k in (*items.tolist(), *users.tolist())
+                                                                         if k in names}))
         pub = self.publisher.publish(items, item_vecs, users, user_vecs, info, extra)
         if pub is None:
             return {}
@@ -387,15 +420,17 @@ class Worker:
             untrained = self._untrained()
             built = untrained[: sum(len(p) for p in self.inflight.values())]
             item_pos, user_pos = self.item_positives.copy(), self.user_positives.copy()
-            np.subtract.at(item_pos, built[:, 1], 1)
-            np.subtract.at(user_pos, built[:, 0], 1)
+            item_pos.add(built[:, 1], -1)
+            user_pos.add(built[:, 0], -1)
             replay = self.replay.ordered()
-            np.savez(d / f"counts-rank{self.rank}.npz", events=self.counts, item_positives=item_pos, user_positives=user_pos)
+            np.savez(d / f"counts-rank{self.rank}.npz", **{f"{name}_{part}": getattr(c, part)() for name, c in (
+                ("events", self.counts), ("item_positives", item_pos), ("user_positives", user_pos)) for part in ("keys", "values")})
             np.savez(d / f"buffers-rank{self.rank}.npz", replay=replay[: max(len(replay) - len(built), 0)],
                      fresh=untrained, waiting=self._waiting_rows())
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
                 "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step, "world": self.world,
-                "maturity": self.maturity,
+                "maturity": self.maturity, "names": {str(k): v for k, v in self.names.items()},
+                "evictions": sum(evictions(self.sparse).values()) + (self.evictions_before if self.rank == 0 else 0),
                 "stats": {"consumed": self.stream.stats.consumed, "malformed": self.stream.stats.malformed},
                 "trained": self.positives_trained}))
             if self.rank == 0:  # every rank reads every announcement: rank 0's view stands for all
@@ -428,6 +463,8 @@ class Worker:
         restored = Restored()
         for o, st in enumerate(streams):
             self.users |= set(st["users"])
+            self.names |= {int(k): v for k, v in st.get("names", {}).items()}
+            self.evictions_before += st.get("evictions", 0) if self.rank == 0 else 0
             restored.offsets.update({int(p): int(off) for p, off in st["offsets"].items() if int(p) in self.parts})
             buffers = np.load(d / f"buffers-rank{o}.npz")
             for name, target in (("fresh", self.fresh), ("waiting", None)):
@@ -442,9 +479,9 @@ class Worker:
                 self.replay.add(buffers["replay"][sharers.index(self.rank)::len(sharers)])
             if o in mine:
                 counts = np.load(d / f"counts-rank{o}.npz")
-                self.counts += counts["events"]
-                self.item_positives += counts["item_positives"]
-                self.user_positives += counts["user_positives"]
+                for name, target in (("events", self.counts), ("item_positives", self.item_positives),
+                                     ("user_positives", self.user_positives)):
+                    target.add(counts[f"{name}_keys"], counts[f"{name}_values"])
                 for k, v in st.get("stats", {}).items():
                     restored.stats[k] = restored.stats.get(k, 0) + v
                 restored.trained += st.get("trained", 0)
@@ -539,9 +576,10 @@ class Worker:
         loop_s = time.monotonic() - start - side_s
         step_s = clock.seconds(wait=True)
         version = self.publish().get("version", version)
-        consumed, malformed, dropped, skipped, loop_total, step_total, trained, twice = self._sum([
+        consumed, malformed, dropped, skipped, loop_total, step_total, trained, twice, evicted = self._sum([
             self.stream.stats.consumed, self.stream.stats.malformed, self.dropped_unknown_item,
-            len(self.shards.skipped) if self.rank == 0 else 0, loop_s, step_s, self.positives_trained, self.trained_twice])
+            len(self.shards.skipped) if self.rank == 0 else 0, loop_s, step_s, self.positives_trained, self.trained_twice,
+            sum(evictions(self.sparse).values())])
         steps = self.step - start_step
         examples = steps * self.cfg.optim.batch_size * self.world
         loop_rate = examples / max(loop_total / self.world, 1e-9)
@@ -549,7 +587,7 @@ class Worker:
         final = {
             "events_consumed": int(consumed), "dead_lettered": int(malformed), "events_dropped_missing_content": int(dropped),
             "items_skipped": int(skipped), "positives_trained": int(trained), "trained_twice_beyond_rollback": int(twice),
-            "train_steps": self.step, "steps_this_run": steps,
+            "train_steps": self.step, "steps_this_run": steps, "id_evictions": int(evicted) + self.evictions_before,
             "examples_per_s": loop_rate, "step_examples_per_s": step_rate, "loop_step_ratio": loop_rate / max(step_rate, 1e-9),
             "device": str(self.device), "precision": self.precision,
             "final_loss": float(torch.stack(list(self.losses)).float().mean()) if self.losses else None, "index_version": version,

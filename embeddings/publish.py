@@ -42,6 +42,7 @@ from streaming import storage
 log = logging.getLogger(__name__)
 INDEX_FILE, ITEMS_FILE, USERS_FILE, MANIFEST, LATEST = "items.faiss", "item_ids.npy", "users.npz", "manifest.json", "LATEST"
 DELTA_FILE = "delta.npz"
+NAMES_FILE = "names.json"  # key -> raw id of the string ids among the items and users (integer ids are their own keys)
 
 
 def sha256(path: Path) -> str:

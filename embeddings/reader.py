@@ -20,8 +20,9 @@ import faiss
 import numpy as np
 
 from embeddings.layered import LayeredIndex
-from embeddings.publish import DELTA_FILE, INDEX_FILE, ITEMS_FILE, LATEST, MANIFEST, USERS_FILE, sha256
+from embeddings.publish import DELTA_FILE, INDEX_FILE, ITEMS_FILE, LATEST, MANIFEST, NAMES_FILE, USERS_FILE, sha256
 from streaming import storage
+from streaming.schema import RawId, id_key, parse_id, raw_id
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ class LoadedVersion:
     user_vectors: np.ndarray
     published: LayeredIndex  # the version as published, never modified: the next version derives from it
     extras: dict = field(default_factory=dict)  # what a caller attaches while preparing it (see refresh)
+    names: dict[int, str] = field(default_factory=dict)  # key -> string id (NAMES_FILE); integer ids are their keys
+
+    def raw_id(self, key: int) -> RawId:
+        """An item or user key as the stream carried it."""
+        return raw_id(key, self.names)
+
+    def key(self, text: str, known: Callable[[int], bool]) -> int:
+        """The key of an id written as text: the integer it spells if `known`, else the string's."""
+        first = id_key(parse_id(text))
+        return first if known(first) else id_key(text)
 
     @cached_property
     def item_ids(self) -> np.ndarray:
@@ -98,6 +109,7 @@ class IndexReader:
             index = self._index(name, manifest)
             with np.load(path / USERS_FILE) as users:
                 user_ids, user_vectors = users["ids"], users["vectors"]
+            names = {int(k): v for k, v in json.loads((path / NAMES_FILE).read_text()).items()} if NAMES_FILE in manifest["checksums"] else {}
         except (FileNotFoundError, json.JSONDecodeError, KeyError, RuntimeError) as exc:  # pruned under us (faiss: RuntimeError)
             log.warning("version %s incomplete (%s); keeping %s", name, exc, self.version)
             return False
@@ -105,7 +117,7 @@ class IndexReader:
             return False
         manifest["name"] = name
         loaded = LoadedVersion(manifest["version"], manifest, index.derive(), {int(u): r for r, u in enumerate(user_ids)},
-                               user_vectors, published=index)
+                               user_vectors, published=index, names=names)
         if prepare is not None:
             prepare(path, loaded)
         with self._lock:

@@ -210,14 +210,11 @@ class InteractionStream:
         cfg: KafkaConfig,
         bootstrap: str,
         partitions: list[int],
-        max_users: int,
-        max_items: int,
         start_offsets: dict[int, int] | None = None,
         client_id: str = "coldstream-worker",
         cluster_id: str | None = None,
     ):
         self.cfg = cfg
-        self.max_users, self.max_items = max_users, max_items
         self.stats = ConsumerStats()
         self._tps = [TopicPartition(cfg.interactions_topic, p) for p in partitions]
         self._consumer = _consumer(bootstrap, client_id, cfg.max_poll_records)
@@ -232,8 +229,7 @@ class InteractionStream:
             self.stats.consumed += len(records)
             for rec in records:
                 try:
-                    out.append(decode_interaction(rec.value, self.max_users, self.max_items, tp.partition, rec.offset,
-                                                      rec.timestamp / 1000.0))
+                    out.append(decode_interaction(rec.value, tp.partition, rec.offset, rec.timestamp / 1000.0))
                 except Exception as exc:  # noqa: BLE001 - no record may crash the consumer: all go to the DLQ
                     self.stats.malformed += 1
                     self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))
@@ -265,10 +261,9 @@ class InteractionStream:
 class ItemFeed:
     """Every worker reads every announcement: each needs the content of any item its users touch."""
 
-    def __init__(self, cfg: KafkaConfig, bootstrap: str, max_items: int, client_id: str = "coldstream-items",
+    def __init__(self, cfg: KafkaConfig, bootstrap: str, client_id: str = "coldstream-items",
                  start_offsets: dict[int, int] | None = None, cluster_id: str | None = None):
         self.cfg = cfg
-        self.max_items = max_items
         self.stats = ConsumerStats()
         self._consumer = _consumer(bootstrap, client_id, cfg.max_poll_records)
         parts = self._consumer.partitions_for_topic(cfg.items_topic) or {0}
@@ -283,7 +278,7 @@ class ItemFeed:
             for rec in records:
                 self.stats.consumed += 1
                 try:
-                    out.append(decode_announcement(rec.value, self.max_items, rec.timestamp / 1000.0))
+                    out.append(decode_announcement(rec.value, rec.timestamp / 1000.0))
                 except Exception as exc:  # noqa: BLE001 - as above
                     self.stats.malformed += 1
                     self._dead.send(tp.topic, tp.partition, rec.offset, rec.value, _reason(exc))

@@ -32,7 +32,7 @@ class EventProducer:
     def interaction(self, event: Interaction) -> None:
         self.raw_interaction(event.user_id, event.encode())
 
-    def raw_interaction(self, key: int | bytes, payload: bytes) -> None:
+    def raw_interaction(self, key: int | str | bytes, payload: bytes) -> None:
         """Sends bytes as they are: the replay and the generator's malformed events use it."""
         key_bytes = key if isinstance(key, bytes) else str(key).encode()
         self._producer.send(self.cfg.interactions_topic, key=key_bytes, value=payload)

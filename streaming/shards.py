@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from streaming import storage
+from streaming.schema import RawId, id_key
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 @dataclass
 class ItemContent:
-    item_id: int
+    item_id: RawId  # as announced; the caches below are keyed by its key (streaming.schema.id_key)
     frames: np.ndarray  # uint8 [F, S, S, 3]; zeros where the item has no image
     has_frames: bool
     text: str
@@ -49,7 +50,7 @@ def write_shard(path: str | Path, items: list[dict]) -> str:
     tmp = path.with_name(path.name + ".tmp")
     with wds.TarWriter(str(tmp)) as sink:
         for it in items:
-            sample = {"__key__": f"{it['item_id']:09d}", "json": json.dumps({"item_id": it["item_id"], **it.get("meta", {})}).encode()}
+            sample = {"__key__": f"{id_key(it['item_id']):019d}", "json": json.dumps({"item_id": it["item_id"], **it.get("meta", {})}).encode()}
             if it.get("text"):
                 sample["txt"] = it["text"].encode()
             for n, (data, ext) in enumerate(it.get("frames", [])):
@@ -83,7 +84,7 @@ def decode_frames(images: list[bytes], n_frames: int, size: int) -> np.ndarray:
 
 
 def read_shard(url: str, n_frames: int, size: int) -> dict[int, ItemContent]:
-    """All items of one shard; raises OSError/ValueError (with the cause) when the shard is unusable."""
+    """All items of one shard, by id key; raises OSError/ValueError (with the cause) when the shard is unusable."""
     out: dict[int, ItemContent] = {}
     # Every worker needs every item, so no node/worker splitting; and no handler: a
     # truncated or garbled tar raises, and the caller skips the shard's items.
@@ -99,16 +100,16 @@ def read_shard(url: str, n_frames: int, size: int) -> dict[int, ItemContent]:
             samples = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
         for sample in samples:
             meta = json.loads(sample["json"]) if "json" in sample else {}
-            item_id = int(meta.get("item_id", sample["__key__"]))
+            item_id = meta["item_id"] if isinstance(meta.get("item_id"), (int, str)) else int(sample["__key__"])
             frame_keys = sorted(k for k in sample if k.startswith("frame") and k.endswith(IMAGE_EXTS))
             frames = decode_frames([sample[k] for k in frame_keys], n_frames, size)
             text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else ""
-            out[item_id] = ItemContent(item_id, frames, bool(frame_keys), text, meta)
+            out[id_key(item_id)] = ItemContent(item_id, frames, bool(frame_keys), text, meta)
     return out
 
 
 class ShardCache:
-    """Item content looked up by announcement; each shard is read once."""
+    """Item content looked up by announcement (by id key); each shard is read once."""
 
     def __init__(self, n_frames: int, size: int):
         self.n_frames, self.size = n_frames, size
@@ -117,9 +118,10 @@ class ShardCache:
         self._read: set[str] = set()
         self._failed: dict[str, str] = {}
 
-    def fetch(self, item_id: int, url: str) -> ItemContent | None:
-        if item_id in self.items:
-            return self.items[item_id]
+    def fetch(self, item_id: RawId, url: str) -> ItemContent | None:
+        key = id_key(item_id)
+        if key in self.items:
+            return self.items[key]
         if url not in self._read and url not in self._failed:
             try:
                 self.items.update(read_shard(url, self.n_frames, self.size))
@@ -127,10 +129,10 @@ class ShardCache:
             except Exception as exc:  # any decode/tar/IO failure: skip, never crash the job
                 self._failed[url] = f"{type(exc).__name__}: {exc}"
                 log.warning("skipping shard %s: %s", url, self._failed[url])
-        if item_id in self.items:
-            return self.items[item_id]
-        reason = self._failed.get(url, f"item {item_id} not found in shard {url}")
+        if key in self.items:
+            return self.items[key]
+        reason = self._failed.get(url, f"item {item_id!r} not found in shard {url}")
         if url not in self._failed:  # a failed shard was logged once above; a missing item is news
-            log.warning("skipping item %d: %s", item_id, reason)
-        self.skipped[item_id] = reason
+            log.warning("skipping item %r: %s", item_id, reason)
+        self.skipped[key] = reason
         return None

@@ -140,8 +140,8 @@ class World:
             b"{not json",
             json.dumps({"user_id": 1, "event": "play", "ts": 0}).encode(),  # missing item_id
             json.dumps({"user_id": -3, "item_id": 1, "event": "play", "ts": 0}).encode(),
-            json.dumps({"user_id": 1, "item_id": "seven", "event": "like", "ts": 0}).encode(),
-            json.dumps({"user_id": 1, "item_id": 10**12, "event": "click", "ts": 0}).encode(),
+            json.dumps({"user_id": 1, "item_id": 7.5, "event": "like", "ts": 0}).encode(),
+            json.dumps({"user_id": 1, "item_id": 2**63, "event": "click", "ts": 0}).encode(),
         ][kind]
 
 

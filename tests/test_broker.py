@@ -41,7 +41,7 @@ def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
         prod.raw_interaction(1, b)
     prod.flush()
 
-    streams = [InteractionStream(kafka_cfg, broker.bootstrap, owned_partitions(4, r, 2), 100, 100) for r in range(2)]
+    streams = [InteractionStream(kafka_cfg, broker.bootstrap, owned_partitions(4, r, 2)) for r in range(2)]
     got = [_drain(s, 200) for s in streams]
     time.sleep(1)
     got = [g + s.poll(500) for g, s in zip(got, streams)]
@@ -66,7 +66,7 @@ def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
     # a resumed consumer seeks to the saved offsets: it sees only what came after
     prod.interaction(Interaction(2, 3, "like", 0.0))
     prod.flush()
-    resumed = [InteractionStream(kafka_cfg, broker.bootstrap, owned_partitions(4, r, 2), 100, 100, positions[r]) for r in range(2)]
+    resumed = [InteractionStream(kafka_cfg, broker.bootstrap, owned_partitions(4, r, 2), positions[r]) for r in range(2)]
     after = [_drain(s, 1, timeout=5) for s in resumed]
     assert [e for a in after for e in a] == [Interaction(2, 3, "like", 0.0)]
     for s in resumed:
@@ -109,7 +109,7 @@ def test_a_broker_that_lost_its_log_is_detected(kafka_cfg):
         for i in range(200):
             prod.interaction(Interaction(i % 40, i % 17, "play", float(i)))
         prod.close()
-        streams = {policy: InteractionStream(kafka_cfg.model_copy(update={"on_data_loss": policy}), first.bootstrap, [0, 1, 2, 3], 100, 100)
+        streams = {policy: InteractionStream(kafka_cfg.model_copy(update={"on_data_loss": policy}), first.bootstrap, [0, 1, 2, 3])
                    for policy in ("fail", "rewind")}
         for s in streams.values():
             assert len(_drain(s, 200)) == 200
@@ -137,7 +137,7 @@ def test_a_recreated_broker_is_detected_by_its_cluster_id(kafka_cfg):
     port = free_port()
     with LocalBroker(port=port) as first:
         ensure_topics(kafka_cfg, first.bootstrap)
-        stream = InteractionStream(kafka_cfg, first.bootstrap, [0, 1, 2, 3], 100, 100)
+        stream = InteractionStream(kafka_cfg, first.bootstrap, [0, 1, 2, 3])
         stream.poll(500)
         assert stream.watch.cluster_id == first.cluster_id
     with LocalBroker(port=port) as second:
@@ -163,7 +163,7 @@ def test_durable_broker_survives_kills_and_outages(tmp_path, kafka_cfg):
     for i in range(300):
         prod.interaction(Interaction(i % 40, i % 17, "play", float(i)))
     prod.flush()
-    stream = InteractionStream(cfg, broker.bootstrap, [0, 1, 2, 3], 100, 100)
+    stream = InteractionStream(cfg, broker.bootstrap, [0, 1, 2, 3])
     assert len(_drain(stream, 300)) == 300
 
     broker.supervise(check_s=0.2)
@@ -194,7 +194,7 @@ def test_durable_broker_survives_kills_and_outages(tmp_path, kafka_cfg):
 
     with LocalBroker(port, tmp_path / "broker.log", data) as again:  # object store and Tansu both new
         assert again.cluster_id == cluster_id
-        fresh = InteractionStream(cfg, again.bootstrap, [0, 1, 2, 3], 100, 100)
+        fresh = InteractionStream(cfg, again.bootstrap, [0, 1, 2, 3])
         assert len(_drain(fresh, 400, timeout=30)) == 400
         assert fresh.watch.cluster_id == cluster_id and fresh.stats.data_loss_incidents == 0
         fresh.close()
@@ -224,7 +224,7 @@ def test_launch_broker_exits_when_its_broker_dies_and_restarts_with_its_log(tmp_
 
     proc = start()
     try:
-        stream = InteractionStream(kafka_cfg, f"127.0.0.1:{port}", [0, 1, 2, 3], 100, 100)
+        stream = InteractionStream(kafka_cfg, f"127.0.0.1:{port}", [0, 1, 2, 3])
         assert len(_drain(stream, 50, timeout=30)) == 50
         stream.close()
     finally:

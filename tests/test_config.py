@@ -25,7 +25,7 @@ def test_yaml_then_overrides_then_flags(tmp_path):
     ("optim.zero_stage=3", "optim.zero_stage"),
     ("kafka.interaction_partitions=many", "kafka.interaction_partitions"),
     ("model.frame_size=30", "frame_size=30"),
-    ("world.n_users=50000", "world.n_users"),
+    ("train.workers=5", "must divide 48"),
     ("run_name=a/b", "run_name"),
 ])
 def test_bad_values_name_the_field(override, field):

@@ -16,20 +16,21 @@ from trainer.config import ModelConfig
 
 pytestmark = pytest.mark.integration
 
-CFG = ModelConfig(max_users=64, max_items=64, n_clusters=4, embedding_dim=16, d_model=16, heads=2, frame_layers=1,
+CFG = ModelConfig(user_rows=96, item_rows=48, n_clusters=4, embedding_dim=16, d_model=16, heads=2, frame_layers=1,
                   text_layers=1, frames=2, frame_size=16, patch=8, text_vocab=64, text_len=4, id_dropout=0.0)
 
 
-def _batch(rank: int):
+def _batch(rank: int, users: np.ndarray | None = None):
     from trainer.batch import ContentStore, make_batch
+    from trainer.counts import KeyedCounts
 
     rng = np.random.default_rng(rank)
     store = ContentStore(CFG)
     for i in range(8):
         store.add(i, rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8), True, f"word{i} other", i % 4, (i + 1) % 4)
     # users 0..7 on rank 0, 40..47 on rank 1: with row-wise sharding each rank's users live on different shards
-    users = np.arange(8) + 40 * rank
-    return make_batch(users, np.arange(8), store, 1.0, rng, np.ones(64, np.int64), np.ones(64, np.int64))
+    users = np.arange(8) + 40 * rank if users is None else users
+    return make_batch(users, np.arange(8), store, 1.0, rng, KeyedCounts(), KeyedCounts())
 
 
 def _worker(rank: int, port: int, out: dict) -> None:
@@ -38,7 +39,8 @@ def _worker(rank: int, port: int, out: dict) -> None:
     torch.manual_seed(0)
     import deepspeed
 
-    from embeddings.tables import shard_sparse_arch
+    from embeddings.tables import evictions, holds_row, shard_sparse_arch
+    from trainer.batch import spread
     from trainer.model import DenseArch
     from trainer.step import TrainStep
 
@@ -46,11 +48,11 @@ def _worker(rank: int, port: int, out: dict) -> None:
     dense = DenseArch(CFG)
     engine, *_ = deepspeed.initialize(model=dense, optimizer=torch.optim.AdamW(dense.parameters(), lr=1e-2),
                                       config=deepspeed_config(8, 2, 1, 0.0, False), dist_init_required=False)
-    plan = sparse.plan.plan["ec"]
+    plan = sparse.plan.plan["mc_ec"]
     local_rows = {name: sum(s.tensor.shape[0] for s in t.local_shards()) for name, t in sparse.state_dict().items() if "weight" in name}
 
     def user_rows() -> torch.Tensor:
-        return torch.cat([s.tensor for s in sparse.state_dict()["ec.embeddings.user_ids.weight"].local_shards()]).clone()
+        return torch.cat([s.tensor for s in sparse.state_dict()["mc_ec._embedding_module.embeddings.user_ids.weight"].local_shards()]).clone()
 
     before_users = user_rows()
     before_dense = [p.detach().clone() for p in engine.module.parameters()]
@@ -58,6 +60,13 @@ def _worker(rank: int, port: int, out: dict) -> None:
     batch = _batch(rank)
     losses = [step(batch) for _ in range(15)]
     after_users = user_rows()
+    users_held = holds_row(sparse, "user_ids", spread(np.r_[np.arange(8), np.arange(8) + 40]))  # a collective: the same keys on every rank
+    # 7x more users than rows: new ids take rows from old ones (evicted: reset and counted)
+    for n in range(40):
+        new_users = np.arange(8) + 1000 + 16 * n + 8 * rank
+        step(_batch(rank, new_users))
+    last_held = holds_row(sparse, "user_ids", spread(np.arange(16) + 1000 + 16 * 39))
+    first_held = holds_row(sparse, "user_ids", spread(np.r_[np.arange(8), np.arange(8) + 40]))
     changed_rows = (before_users != after_users).any(dim=1).nonzero().flatten().tolist()
     dense_changed = any(not torch.equal(a, b) for a, b in zip(before_dense, engine.module.parameters()))
     flat = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
@@ -70,6 +79,9 @@ def _worker(rank: int, port: int, out: dict) -> None:
         "dense_changed": dense_changed,
         "dense_equal_across_ranks": torch.equal(gathered[0], gathered[1]),
         "losses": losses,
+        "users_held": users_held.tolist(), "last_held": last_held.tolist(), "first_held": first_held.tolist(),
+        "evictions": evictions(sparse),
+        "remap_state": sorted(k for k in sparse.state_dict() if "_mch_sorted_raw_ids" in k),
     }
     dist.destroy_process_group()
 
@@ -79,11 +91,19 @@ def test_dmp_and_deepspeed_share_one_backward():
     mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     r0, r1 = out[0], out[1]
     assert r0["sharding"]["user_ids"] == "row_wise" and r0["sharding"]["frame_clusters"] == "row_wise"
-    # row-wise: each rank materialises half of the 64 user rows
-    assert r0["local_rows"]["ec.embeddings.user_ids.weight"] == 32 and r1["local_rows"]["ec.embeddings.user_ids.weight"] == 32
-    # users 0..7 live in rank 0's shard and 40..47 in rank 1's (local rows 8..15): exactly those rows moved
-    assert r0["changed_rows"] == list(range(8))
-    assert r1["changed_rows"] == list(range(8, 16))
+    # row-wise: each rank materialises half of the 96 user rows
+    weight = "mc_ec._embedding_module.embeddings.user_ids.weight"
+    assert r0["local_rows"][weight] == 48 and r1["local_rows"][weight] == 48
+    # the 16 users took 16 rows (managed collisions: one row each, on the rank their key maps to)
+    assert len(r0["changed_rows"]) + len(r1["changed_rows"]) == 16 and r0["changed_rows"] and r1["changed_rows"]
+    assert all(r0["users_held"]) and all(r1["users_held"])
+    # 640 new users, seen once each, through 94 usable rows: the newest hold rows and the churn evicts
+    # itself, while the 16 users trained 15 times keep theirs (distance-weighted LFU); evictions counted
+    assert all(r0["last_held"]) and all(r1["last_held"])
+    assert all(r0["first_held"]) and all(r1["first_held"])
+    assert r0["evictions"]["user_ids"] + r1["evictions"]["user_ids"] > 300
+    assert r0["evictions"]["item_ids"] == r1["evictions"]["item_ids"] == 0
+    assert any("user_ids" in k for k in r0["remap_state"])  # the remap is in the state dict: checkpoints keep it
     assert r0["dense_changed"] and r1["dense_changed"]
     assert r0["dense_equal_across_ranks"]
     for r in (r0, r1):

@@ -22,7 +22,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 # Two workers on gloo: on a one-GPU host two NCCL ranks cannot share the device, so these pin the CPU
 # path; the CUDA path has its own one-worker test below.
-SMALL = ["--no-gpu", "--set", "model.max_users=2000", "--set", "model.max_items=2000", "--set", "optim.batch_size=128",
+SMALL = ["--no-gpu", "--set", "model.user_rows=2000", "--set", "model.item_rows=2000", "--set", "optim.batch_size=128",
          "--set", "train.min_items_before_training=32"]
 
 
@@ -134,6 +134,45 @@ def test_a_worker_that_dies_mid_publish_is_restored_from_its_checkpoint(tmp_path
     assert not list(index.glob(".tmp-v*"))
     manifests = [json.loads((d / "manifest.json").read_text()) for d in sorted(index.glob("v0*"))]
     assert [m["step"] for m in manifests] == sorted(m["step"] for m in manifests) and manifests[-1]["step"] == 30
+
+
+def test_unbounded_ids_train_evict_publish_and_rank_by_raw_id(tmp_path, broker):
+    """String and 64-bit integer ids, 10x more distinct users and items than table rows: the run
+    trains, evicts (counted), publishes every item (those without a row by content), and the
+    service ranks by the raw ids the stream carried."""
+    from cluster.serve import Service
+    from streaming.schema import ItemAnnouncement
+    from streaming.shards import encode_png, write_shard
+
+    ensure_topics(KafkaConfig(), broker.bootstrap)
+    world = World.create(WorldConfig(n_users=480, initial_items=480, new_items=0, events_per_user=12))
+    user_name = {u: f"user-{u:04d}" for u in range(480)}  # strings ...
+    item_name = {i: f"item-é{i}" if i % 2 else 2**61 + i for i in range(480)}  # ... and integers far above the rows
+    prod = EventProducer(KafkaConfig(), broker.bootstrap)
+    for start in range(0, 480, 120):
+        items = range(start, start + 120)
+        url = write_shard(tmp_path / f"shard-{start}.tar", [{"item_id": item_name[i], "frames": [encode_png(f) for f in world.frames(i)],
+                                                              "text": world.caption(i)} for i in items])
+        for i in items:
+            prod.announce(ItemAnnouncement(item_name[i], url, 0.0))
+    rng = np.random.default_rng(0)
+    for ev in world.sample_events(rng, np.arange(480), np.arange(480), 480 * 12, 0.0):
+        prod.interaction(Interaction(user_name[ev.user_id], item_name[ev.item_id], ev.event, ev.ts))
+    prod.close()
+    out = launch("train", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path), "--run-name", "ids", "--no-gpu",
+                 "--set", "model.user_rows=48", "--set", "model.item_rows=48", "--set", "optim.batch_size=64",
+                 "--set", "train.min_items_before_training=64", "--set", "train.max_steps=60", "--set", "train.publish_every_steps=30")
+    assert out["train_steps"] == 60 and out["dead_lettered"] == 0 and out["id_evictions"] > 100
+    service = Service(tmp_path / "ids" / "index")
+    assert service.refresh()
+    cur = service.current()
+    assert cur.index.ntotal == 480 and cur.manifest["evictions"] > 100 and cur.manifest["items_without_row"] > 300
+    ranked = service.recommend("user-0007", 10)
+    assert len(ranked.items) == 10 and {r.item_id for r in ranked.items} <= set(item_name.values())
+    assert any(isinstance(r.item_id, str) for r in ranked.items) and any(isinstance(r.item_id, int) for r in ranked.items)
+    similar = service.similar("item-é3", 5)
+    assert similar.items[0].item_id != "item-é3" and {r.item_id for r in similar.items} <= set(item_name.values())
+    assert service.similar(str(2**61 + 4), 3).items  # an integer id, written as text
 
 
 @pytest.mark.skipif(not MOVIELENS.exists(), reason=f"needs the MovieLens 100K folder at {MOVIELENS}")

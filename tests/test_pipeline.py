@@ -9,6 +9,7 @@ import torch
 
 from cluster.pipeline import Prefetcher, StepClock
 from trainer.batch import ContentStore, make_batch
+from trainer.counts import KeyedCounts
 from trainer.config import ModelConfig
 
 CFG = ModelConfig(embedding_dim=8, d_model=16, heads=2, frame_layers=1, text_layers=1, frames=2, frame_size=16, patch=8, text_vocab=32, text_len=4)
@@ -25,7 +26,7 @@ def _store(n: int) -> ContentStore:
 def test_store_grows_and_batches_keep_their_content():
     store = _store(5)
     rng = np.random.default_rng(1)
-    batch = make_batch(np.array([0, 1, 2]), np.array([104, 100, 104]), store, 1.0, rng, np.ones(300, np.int64), np.ones(3, np.int64))
+    batch = make_batch(np.array([0, 1, 2]), np.array([104, 100, 104]), store, 1.0, rng, KeyedCounts(), KeyedCounts())
     assert batch.slots.tolist() == [0, 4] and batch.item_index.tolist() == [1, 0, 1]
     frames_before = batch.content[0]
     for i in range(20):
@@ -42,7 +43,7 @@ def test_prefetcher_runs_ahead_bounded_and_pauses_on_its_lock():
 
     def build():
         time.sleep(0.005)
-        b = make_batch(np.arange(4), np.array([100, 101, 102, 103]), store, 1.0, rng, np.ones(300, np.int64), np.ones(4, np.int64))
+        b = make_batch(np.arange(4), np.array([100, 101, 102, 103]), store, 1.0, rng, KeyedCounts(), KeyedCounts())
         b.seq = len(built)
         built.append(b.seq)
         return b

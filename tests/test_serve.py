@@ -174,7 +174,9 @@ def test_bad_requests_get_4xx_and_the_service_keeps_running(service):
         (requests.get, "/similar", {"params": {"item_id": 5}}, 404, "unknown item_id 5"),
         (requests.get, "/recommend", {"params": {"user_id": 1, "k": 0}}, 422, "k"),
         (requests.get, "/recommend", {"params": {"user_id": 1, "k": 100000}}, 422, "k"),
-        (requests.get, "/recommend", {"params": {"user_id": "abc"}}, 422, "user_id"),
+        (requests.get, "/recommend", {"params": {"user_id": "abc"}}, 404, "unknown user_id abc"),  # ids may be strings
+        (requests.get, "/recommend", {"params": {"user_id": ""}}, 422, "user_id"),
+        (requests.get, "/similar", {"params": {"item_id": "x" * 257}}, 422, "item_id"),
         (requests.post, "/items", {"data": {"title": "no id"}, "files": [("image", ("a.png", png((1, 2, 3)), "image/png"))]}, 422, "item_id"),
         (requests.post, "/items", {"data": {"item_id": 1, "title": "no image"}}, 422, "image"),
         (requests.post, "/items", {"data": {"item_id": 1, "title": "junk"}, "files": [("image", ("a.png", b"not an image", "image/png"))]},

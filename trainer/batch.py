@@ -12,6 +12,7 @@ cluster ids; `item_index` maps examples back to their item row.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,8 +20,25 @@ from torchrec import KeyedJaggedTensor
 
 from streaming.schema import EVENT_TYPES
 from trainer.config import ModelConfig
+from trainer.counts import KeyedCounts
 from trainer.model import FEATURES
 from trainer.text import tokenize
+
+
+# The lookup range of user and item keys: TorchRec's managed collisions route an id by its block of
+# [0, KEY_RANGE) to the rank owning that block, so keys are mixed into it first (`spread`).
+KEY_RANGE = 2**62
+
+
+def spread(keys: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (a bijection of 64-bit words), cut to [0, KEY_RANGE): consecutive
+    integer ids spread evenly over ranks. Two keys share a lookup id with probability ~2**-62."""
+    z = np.asarray(keys, np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(2)).astype(np.int64)
 
 
 class ContentStore:
@@ -138,9 +156,10 @@ class Batch:
 
 
 def _kjt(stride: int, users: np.ndarray, items: np.ndarray, fc: np.ndarray, tc: np.ndarray) -> KeyedJaggedTensor:
-    """One id per row; a feature with fewer ids than `stride` has zero-length tails."""
+    """One id per row (user and item keys spread, cluster numbers as they are); a feature with
+    fewer ids than `stride` has zero-length tails."""
     values, lengths = [], []
-    for ids in (users, items, fc, tc):
+    for ids in (spread(users), spread(items), fc, tc):
         values.append(ids)
         lengths.append(np.r_[np.ones(len(ids), np.int32), np.zeros(stride - len(ids), np.int32)])
     return KeyedJaggedTensor(
@@ -151,10 +170,10 @@ def _kjt(stride: int, users: np.ndarray, items: np.ndarray, fc: np.ndarray, tc: 
     )
 
 
-def log_share(counts: np.ndarray, ids: np.ndarray, total: int | None = None) -> torch.Tensor:
+def log_share(counts: KeyedCounts, ids: np.ndarray, total: int | None = None) -> torch.Tensor:
     """log(count / total) per id, counting each id at least once (a new id is rare, not impossible)."""
-    c = np.maximum(counts[ids], 1).astype(np.float64)
-    total = counts.sum() if total is None else total
+    c = np.maximum(counts.get(ids), 1).astype(np.float64)
+    total = counts.total if total is None else total
     return torch.from_numpy(np.log(c / max(total, 1)).astype(np.float32))
 
 
@@ -168,14 +187,14 @@ def signal_labels(events: np.ndarray, signals: list[str]) -> np.ndarray:
 
 
 def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_keep_prob: float, rng: np.random.Generator,
-               item_positives: np.ndarray, user_positives: np.ndarray, events: np.ndarray | None = None,
-               signals: list[str] = (), mature: np.ndarray | None = None) -> Batch:
+               item_positives: KeyedCounts, user_positives: KeyedCounts, events: np.ndarray | None = None,
+               signals: list[str] = (), mature: Callable[[np.ndarray], np.ndarray] | None = None) -> Batch:
     """item_positives / user_positives: positives seen so far per item / user (for the logQ correction).
-    events: the event code (index in EVENT_TYPES) per example; mature: per item id, whether MEMER may
-    learn from it. The stage MEMER's decoder is told in training is drawn at random (see trainer.memer)."""
+    events: the event code (index in EVENT_TYPES) per example; mature: whether MEMER may learn from
+    each of the given items. The stage MEMER's decoder is told in training is drawn at random (see trainer.memer)."""
     uniq, index = np.unique(items, return_inverse=True)
     slots = store.slots(uniq)
-    total = int(item_positives.sum())
+    total = item_positives.total
     events = np.full(len(items), EVENT_TYPES.index("like")) if events is None else events
     return Batch(
         kjt=_kjt(len(users), users, uniq, store.frame_cluster[slots], store.text_cluster[slots]),
@@ -188,7 +207,7 @@ def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_kee
         user_log_q=log_share(user_positives, users, total),
         content=store.content(),
         labels=torch.from_numpy(signal_labels(events, list(signals))),
-        mature=torch.from_numpy(np.zeros(len(uniq), np.float32) if mature is None else mature[uniq].astype(np.float32)),
+        mature=torch.from_numpy(np.zeros(len(uniq), np.float32) if mature is None else mature(uniq).astype(np.float32)),
         freq=torch.from_numpy(rng.random(len(uniq)).astype(np.float32)),
     )
 

@@ -6,12 +6,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from streaming.schema import POSITIVE_EVENTS
 
 
+# Each ID table is cut into this many buckets of its id range and of its rows; a rank owns whole
+# buckets, so a checkpoint written by N workers loads on any M workers (the remap state of a bucket
+# moves with it) as long as both divide ID_BUCKETS.
+ID_BUCKETS = 48
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     embedding_dim: int = Field(64, ge=4, description="width of ID tables and of the served vectors")
-    max_users: int = Field(20_000, ge=2, description="rows of the user_id table; larger ids go to the dead-letter topic")
-    max_items: int = Field(20_000, ge=2)
+    user_rows: int = Field(20_000, ge=2, description="rows of the user table: ids are unbounded, the least frequently "
+                           "used lose their row when a new one needs it (rounded up to a multiple of 48)")
+    item_rows: int = Field(20_000, ge=2, description="rows of the item table, as user_rows; an item without a row is "
+                           "served by its content vector")
     n_clusters: int = Field(16, ge=2, description="k-means clusters per modality (M3CSR cluster IDs)")
     frames: int = Field(4, ge=1, description="frames per item clip")
     frame_size: int = Field(32, ge=8)

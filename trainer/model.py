@@ -1,8 +1,8 @@
 """The two-tower retrieval model, split the way it is trained.
 
-`SparseArch` holds the TorchRec ID tables (users, items, per-modality cluster IDs);
-it is wrapped by DistributedModelParallel and its rows are updated by fused
-optimizers inside backward. `DenseArch` holds everything else (the seed-000 style
+`SparseArch` holds the TorchRec ID tables (users, items, per-modality cluster IDs) behind
+managed collisions (embeddings.tables); it is wrapped by DistributedModelParallel and its
+rows are updated by fused optimizers inside backward. `DenseArch` holds everything else (the seed-000 style
 transformer frame/clip encoder, the text encoder, fusion and tower MLPs); it is the
 DeepSpeed engine. One backward through the loss updates both.
 
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 
 from trainer.config import ModelConfig
 from trainer.memer import Memer
@@ -31,12 +32,13 @@ FEATURES = (USER, ITEM, FRAME_CLUSTER, TEXT_CLUSTER)
 class SparseArch(nn.Module):
     """ID embedding tables; forward returns one [n, D] tensor per feature (one id per row)."""
 
-    def __init__(self, tables: list[EmbeddingConfig], device: torch.device | str = "meta"):
+    def __init__(self, tables: ManagedCollisionEmbeddingCollection):
         super().__init__()
-        self.ec = EmbeddingCollection(tables=tables, device=torch.device(device))
+        self.mc_ec = tables
 
     def forward(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        return {k: jt.values() for k, jt in self.ec(kjt).items()}
+        embeddings, _ = self.mc_ec(kjt)
+        return {k: jt.values() for k, jt in embeddings.items()}
 
 
 # cuDNN's fused attention fails at large batch in bf16 (measured at 65,536 sequences on an H100);

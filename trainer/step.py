@@ -62,6 +62,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = dense.training
     dense.eval()
+    sparse.eval()  # a lookup in training mode would claim rows for the ids it reads (managed collisions)
     stage_of = dict(zip(item_ids.tolist(), stages.tolist()))
     names: list[str] = []
     item_out: dict[int, np.ndarray] = {}  # item -> [variants, D]
@@ -87,6 +88,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
             item_out.update(items_part)
             user_out.update(users_part)
     dense.train(was_training)
+    sparse.train(was_training)
     dim = next(iter(user_out.values())).shape[0] if user_out else next(iter(item_out.values())).shape[-1]
     stacked = np.stack([item_out[int(i)] for i in item_ids]) if len(item_ids) else np.zeros((0, len(names), dim), np.float32)
     items = {n: stacked[:, k].astype(np.float32) for k, n in enumerate(names)}
@@ -97,5 +99,8 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
 @torch.no_grad()
 def cluster_rows(sparse, n_frame: int, n_text: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """The trained cluster embeddings (frames [n_frame, D], text [n_text, D]); a collective lookup."""
+    was_training = sparse.training
+    sparse.eval()
     emb = sparse(cluster_kjt(n_frame, n_text).to(device))
+    sparse.train(was_training)
     return emb[FRAME_CLUSTER].float().cpu().numpy(), emb[TEXT_CLUSTER].float().cpu().numpy()
