@@ -86,7 +86,7 @@ def run(n: int, dim: int, delta: int, root: Path, users: tuple[np.ndarray, np.nd
     check(reader, upserts, new_vecs, removed)
 
     if diff:  # the trainer's call: the whole catalogue, the change found by a diff
-        pub.publish(ids, vecs, *users, {"step": 3})  # publish_delta left no catalogue to diff against: a base
+        pub.publish(ids, vecs, *users, {"step": 3})  # the first catalogue again: the diff undoes the last delta
         assert reader.refresh()
         upserts, new_vecs, removed = a_delta(n, delta, dim, 2)
         known = upserts < n

@@ -32,8 +32,12 @@ class TrainLoopConfig(Strict):
 
 class PublishConfig(Strict):
     keep_versions: int = Field(3, ge=1)
-    index_factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat")
-    rebase_every: int = Field(10, ge=1, description="a full base every this many versions; delta segments between")
+    index_factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, HNSW32, IVF1024,Flat "
+                               "(benchmarks/ivf.py measures IVF's recall against Flat)")
+    search_params: str = Field("", description="FAISS ParameterSpace string set on each base, e.g. nprobe=16 for IVF")
+    rebase_every: int = Field(10, ge=1, description="every this many versions, the trainer renews the encoder version its "
+                              "vectors come from, exports every item and writes a full base; between, delta segments of "
+                              "what changed")
     rebase_fraction: float = Field(0.2, gt=0, description="a base also when the rows changed since the last one exceed this share of the catalogue")
 
 

@@ -9,6 +9,7 @@ small all-reduce that agrees on whether to step, publish, checkpoint or stop.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -39,7 +40,7 @@ from trainer.batch import ContentStore, make_batch, spread
 from trainer.counts import KeyedCounts
 from trainer.memer import stage
 from trainer.model import DenseArch
-from trainer.step import TrainStep, cluster_rows, export_vectors
+from trainer.step import TrainStep, cluster_rows, export_vectors, gather_rows
 
 log = logging.getLogger("coldstream.worker")
 DS_TAG = "dense"
@@ -141,7 +142,8 @@ class Worker:
         self.item_positives = KeyedCounts()  # positives queued for training, per item / user
         self.user_positives = KeyedCounts()
         self.users: set[int] = set()
-        self.names: dict[int, str] = {}
+        self.names: dict[int, str] = {}  # rank 0: every string id published; others: what they saw
+        self.new_names: dict[int, str] = {}  # seen since the last publication: what travels to rank 0
         self.clusters: tuple[ClusterModel, ClusterModel] | None = None
         # Positives travel as (user, item, partition, offset, event code): the source position says up
         # to where every event is trained (`trained_positions`), and who owns the pair after an
@@ -161,6 +163,11 @@ class Worker:
         self.mature_keys = np.zeros(0, np.int64)  # sorted; as of the last publication
         self.item_updates = KeyedCounts()  # times each item was in a batch (fresh or replayed)
         self.evictions_before = 0  # ID-table evictions in runs before this one (from the checkpoint)
+        # Incremental export (see publish): the encoder version vectors come from, and what was exported.
+        self.encoder: torch.nn.Module | None = None
+        self.since_encoder = 0
+        self.exported: tuple[np.ndarray, np.ndarray] | None = None  # (sorted items, [updates, count, has_row] at export)
+        self.served: np.ndarray | None = None  # items of the last version published (rank 0)
         # Freshness: (partition, offset, broker time) of events not yet in a version; announcement times.
         self.event_times: list = []  # [partition, offset, broker time]
         self.announced: dict[int, float] = {}
@@ -177,7 +184,8 @@ class Worker:
                              restored.cluster_id)
         self.unclustered: list = []  # content read before the cluster model exists
         self.publisher = IndexPublisher(cfg.location("index"), cfg.publish.keep_versions, cfg.publish.index_factory,
-                                        cfg.publish.rebase_every, cfg.publish.rebase_fraction, self.run_dir / "index-cache")
+                                        cfg.publish.rebase_every, cfg.publish.rebase_fraction, self.run_dir / "index-cache",
+                                        cfg.publish.search_params)
         self.dropped_unknown_item = 0
         self.positives_trained = restored.trained  # fresh positives that went through a step, once each
         # Offsets below which the restored checkpoint had trained everything: a fresh pair from there
@@ -200,8 +208,8 @@ class Worker:
 
     def _name(self, raw) -> int:
         key = id_key(raw)
-        if key >= INT_ID_LIMIT:
-            self.names[key] = raw
+        if key >= INT_ID_LIMIT and key not in self.names:
+            self.names[key] = self.new_names[key] = raw
         return key
 
     def _ingest(self, timeout_ms: int | None = None) -> None:
@@ -337,18 +345,46 @@ class Worker:
         return (self.rng.choice(events, min(len(events), SAMPLE_LATENCIES), replace=False),
                 self.rng.choice(items, min(len(items), SAMPLE_LATENCIES), replace=False))
 
-    def publish(self) -> dict:
-        """Exports every item and user; serves mature items by their full embedding and
-        early-stage ones by MEMER's mapping; measures the stability curve (and with it M) and
-        freshness; rank 0 writes the version with the mapping as an artefact beside the index."""
+    def _catalogue(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items every rank has content for, users any rank has seen), sorted; gathered as tensors."""
+        items = torch.from_numpy(np.fromiter(self.store.items, np.int64, len(self.store)))
+        users = torch.from_numpy(np.fromiter(self.users, np.int64, len(self.users)))
+        items, _ = gather_rows(items, items[:, None], self.control)
+        users, _ = gather_rows(users, users[:, None], self.control)
+        keys, n = np.unique(items, return_counts=True)
+        return keys[n == self.world], np.unique(users)
+
+    def _to_export(self, items: np.ndarray, counts: np.ndarray, updates: np.ndarray, has_row: np.ndarray, full: bool) -> np.ndarray:
+        """Which items this version exports: all of them with a new encoder version, else those
+        whose vectors can have changed since their last export (new, trained, with new events,
+        or that gained or lost their row). The same answer on every rank (the inputs are)."""
+        state = np.stack([updates, counts, has_row.astype(np.int64)], 1)
+        changed = np.ones(len(items), bool)
+        if not full and self.exported is not None:
+            last_items, last_state = self.exported
+            pos = np.searchsorted(last_items, items).clip(0, max(len(last_items) - 1, 0))
+            known = last_items[pos] == items if len(last_items) else np.zeros(len(items), bool)
+            changed[known] = (last_state[pos[known]] != state[known]).any(1)
+        self.exported = (items, state)
+        changed[0] = True  # at least one item: the export's sharded lookups are collectives over a non-empty batch
+        return changed
+
+    def publish(self, final: bool = False) -> dict:
+        """Exports what changed since the last version and publishes it; serves mature items by
+        their full embedding and early-stage ones (and those without an ID row) by MEMER's
+        mapping; measures the stability curve (and with it M) and freshness. Rank 0 writes the
+        version with the mapping as an artefact beside the index.
+
+        Vectors come from an encoder version: a frozen copy of the dense model, renewed every
+        `publish.rebase_every` versions and at the end of training (`final`); then every item is
+        exported again and a base is written. Between, a version exports only the items whose ID
+        row, event count or stage moved (and new items), so its cost follows the change, not the
+        catalogue; the user vectors are exported whole each version (an ID lookup and the user tower).
+        """
         started = time.monotonic()
-        gathered: list = [None] * self.world
         # Called with the input thread paused or closed: it polls the consumer and moves pairs.
-        seen = np.unique(self.replay.ordered()[:, :2], axis=0)
         trained = self.trained_positions()
-        dist.all_gather_object(gathered, (set(self.store.items), self.users, trained, seen, self.names), group=self.control)
-        items = np.array(sorted(set.intersection(*(g[0] for g in gathered))), np.int64)
-        users = np.array(sorted(set.union(*(g[1] for g in gathered))), np.int64)
+        items, users = self._catalogue()
         if len(items) == 0 or len(users) == 0:  # the same on every rank: nothing to serve yet
             return {}
         counts = torch.from_numpy(np.stack([self.counts.get(items), self.item_updates.get(items)]).astype(np.float64))
@@ -356,53 +392,72 @@ class Worker:
         counts, updates = counts.numpy().astype(np.int64)
         has_row = holds_row(self.sparse, "item_ids", spread(items), group=self.control)
         evicted = int(self._sum([sum(evictions(self.sparse).values())])[0]) + self.evictions_before
+        new_encoder = final or self.encoder is None or self.since_encoder + 1 >= self.cfg.publish.rebase_every
+        if new_encoder:
+            self.encoder = copy.deepcopy(self.engine.module).eval()
+            self.since_encoder = 0
+        else:
+            self.since_encoder += 1
+        todo = self._to_export(items, counts, updates, has_row, full=new_encoder or not self.publisher_takes_deltas())
         m = self.cfg.model
-        variants, user_vecs = export_vectors(self.sparse, self.engine.module, self.store, items, users,
-                                             stage(torch.from_numpy(counts), self.maturity).numpy(), self.device,
-                                             group=self.control)
+        ids, n, rowed = items[todo], counts[todo], has_row[todo]
+        variants, user_vecs = export_vectors(self.sparse, self.encoder, self.store, ids, users,
+                                             stage(torch.from_numpy(n), self.maturity).numpy(), self.device, group=self.control)
         # every rank: the same vectors, the same M; an item without a row has no ID embedding to measure
-        self.curve.update(items[has_row], counts[has_row], updates[has_row], variants["full"][has_row])
+        self.curve.update(ids[rowed], n[rowed], updates[todo][rowed], variants["full"][rowed])
         measured = self.curve.threshold()
         self.maturity = measured or self.maturity
-        mature = counts >= self.maturity
-        self.mature_keys = items[mature]
+        self.mature_keys = items[counts >= self.maturity]
         # an item that lost its row (or never held one) is served from its content, as a young one is
         early = f"early_{m.memer_signals[0]}" if m.memer_signals else "content"
-        item_vecs = np.where((mature & has_row)[:, None], variants["full"], variants[early])
+        item_vecs = np.where(((n >= self.maturity) & rowed)[:, None], variants["full"], variants[early])
         event_lat, item_lat = self._freshness(trained, time.time())
         rows = (cluster_rows(self.sparse, len(self.clusters[0].centroids), len(self.clusters[1].centroids), self.device)
                 if m.memer_signals else None)  # a collective: every rank or none, and only the mapping needs it
-        lat: list = [None] * self.world
-        dist.all_gather_object(lat, (event_lat, item_lat), group=self.control)
+        replay = self.replay.ordered()
+        seen_users, seen_items = gather_rows(torch.from_numpy(replay[:, 0].copy()), torch.from_numpy(replay[:, 1:2].copy()), self.control)
+        small: list = [None] * self.world
+        dist.all_gather_object(small, (trained, event_lat, item_lat, self.new_names), group=self.control)
+        self.new_names = {}
         if self.rank != 0:
             return {}
-        pairs = np.concatenate([g[3] for g in gathered])
-        names = {k: v for g in gathered for k, v in g[4].items()}
-        info = {"step": self.step, "mature_items": int(mature.sum()), "items_without_row": int((~has_row).sum()),
-                "evictions": evicted, "kafka_offsets": {
-            self.cfg.kafka.interactions_topic: {str(p): o for g in gathered for p, o in g[2].items()}},
+        for g in small:
+            self.names.update(g[3])
+        info = {"step": self.step, "mature_items": int((counts >= self.maturity).sum()), "items_without_row": int((~has_row).sum()),
+                "evictions": evicted, "exported_items": int(todo.sum()), "encoder_renewed": bool(new_encoder), "kafka_offsets": {
+            self.cfg.kafka.interactions_topic: {str(p): o for g in small for p, o in g[0].items()}},
             "maturity": {"threshold": self.maturity, "epsilon": m.maturity_epsilon, "measured": measured is not None,
                          "curve": self.curve.curve()},
             "early_stage": {"served_by": early, "signals": list(m.memer_signals)},
-            "freshness": {"event_to_version_s": percentiles(np.concatenate([x[0] for x in lat])),
-                          "announce_to_servable_s": percentiles(np.concatenate([x[1] for x in lat]))}}
+            "freshness": {"event_to_version_s": percentiles(np.concatenate([x[1] for x in small])),
+                          "announce_to_servable_s": percentiles(np.concatenate([x[2] for x in small]))}}
         info["publish_s"] = round(time.monotonic() - started, 3)  # export and gathers; the write follows
-        extra = {EARLY_FILE: lambda path: np.savez(path, ids=items, counts=counts, **variants),
-                 "seen.npz": lambda path: np.savez(path, pairs=np.unique(pairs, axis=0))}
+        extra = {"seen.npz": lambda path: np.savez(path, pairs=np.unique(np.stack([seen_users, seen_items[:, 0]], 1), axis=0))}
+        if new_encoder:  # every item's variants, for the early-stage evaluation: with whole exports only
+            extra[EARLY_FILE] = lambda path: np.savez(path, ids=ids, counts=n, **variants)
         if m.memer_signals:
             centroids = (self.clusters[0].centroids, self.clusters[1].centroids)
-            info["mapping"] = save_mapping(self.engine.module, m, self.maturity, centroids, rows, self.run_dir / f".{MAPPING_FILE}.rank0")
+            info["mapping"] = save_mapping(self.encoder, m, self.maturity, centroids, rows, self.run_dir / f".{MAPPING_FILE}.rank0")
             extra[MAPPING_FILE] = lambda path: (self.run_dir / f".{MAPPING_FILE}.rank0").replace(path)
-        if names:  # string ids: the index is keyed by their int64 keys, and this says which string each is
-            extra[NAMES_FILE] = lambda path: path.write_text(json.dumps({str(k): names[k] for k in (*items.tolist(), *users.tolist())
-                                                                         if k in names}))
-        pub = self.publisher.publish(items, item_vecs, users, user_vecs, info, extra)
+        named = {str(k): self.names[k] for k in (*items.tolist(), *users.tolist()) if k >= INT_ID_LIMIT and k in self.names}
+        if named:  # string ids: the index is keyed by their int64 keys, and this says which string each is
+            extra[NAMES_FILE] = lambda path: path.write_text(json.dumps(named))
+        if todo.all():
+            pub = self.publisher.publish(ids, item_vecs, users, user_vecs, info, extra)
+        else:
+            removed = np.setdiff1d(self.served, items, assume_unique=True) if self.served is not None else np.zeros(0, np.int64)
+            pub = self.publisher.publish_delta(ids, item_vecs, removed, users, user_vecs, info, extra)
         if pub is None:
             return {}
-        log.info("published index v%d: %d items (%d mature, M=%d), %d users, step %d; freshness p50 %s s", pub.version,
-                 len(items), info["mature_items"], self.maturity, len(users), self.step,
+        self.served = items
+        log.info("published index v%d: %d items (%d exported, %d mature, M=%d), %d users, step %d; freshness p50 %s s",
+                 pub.version, len(items), len(ids), info["mature_items"], self.maturity, len(users), self.step,
                  info["freshness"]["event_to_version_s"].get("p50"))
         return {"version": pub.version}
+
+    def publisher_takes_deltas(self) -> bool:
+        """Rank 0's publisher decides for all: after a refused or first write, the next version is whole."""
+        return bool(self._sum([float(self.rank == 0 and self.publisher.takes_deltas)])[0])
 
     def checkpoint(self, metrics: dict) -> None:
         """Sparse shards (torch.distributed.checkpoint), dense engine (DeepSpeed) and Kafka
@@ -575,7 +630,7 @@ class Worker:
             self.input.close()  # batches it leaves behind keep their pairs in self.inflight: checkpointed as fresh
         loop_s = time.monotonic() - start - side_s
         step_s = clock.seconds(wait=True)
-        version = self.publish().get("version", version)
+        version = self.publish(final=True).get("version", version)
         consumed, malformed, dropped, skipped, loop_total, step_total, trained, twice, evicted = self._sum([
             self.stream.stats.consumed, self.stream.stats.malformed, self.dropped_unknown_item,
             len(self.shards.skipped) if self.rank == 0 else 0, loop_s, step_s, self.positives_trained, self.trained_twice,

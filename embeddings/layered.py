@@ -26,6 +26,9 @@ def _member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return sorted_ids[np.searchsorted(sorted_ids, ids).clip(0, len(sorted_ids) - 1)] == ids
 
 
+GPU_MAX_K = 2048  # the most results faiss's GPU indexes return per query
+
+
 def _flat(dim: int) -> faiss.IndexIDMap2:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
@@ -44,7 +47,7 @@ class LayeredIndex:
         """The next version's index: the same base object, a copy of the overlay (O(overlay))."""
         out = LayeredIndex(self.base, self.base_ids, self.base_gpu)
         out.overlay = faiss.clone_index(self.overlay)
-        out.hidden = self.hidden
+        out.hidden, out._hide_sel = self.hidden, self._hide_sel  # replaced, never changed in place, by remove_ids
         return out
 
     def apply(self, upsert_ids: np.ndarray, upsert_vecs: np.ndarray, removed: np.ndarray) -> None:
@@ -67,7 +70,8 @@ class LayeredIndex:
         in_base = ids[_member(self.base_ids, ids)]
         if len(in_base):
             self.hidden = np.union1d(self.hidden, in_base)
-            self._hide_sel = None
+            batch = faiss.IDSelectorBatch(self.hidden)  # built here, with the version: not on a request
+            self._hide_sel = (faiss.IDSelectorNot(batch), batch)  # keep the inner selector alive
 
     def add_with_ids(self, vecs: np.ndarray, ids: np.ndarray) -> None:
         self.apply(ids, vecs, np.zeros(0, np.int64))
@@ -97,9 +101,15 @@ class LayeredIndex:
         """Top k over both levels; -1 pads, like faiss. `params.sel` restricts both levels."""
         q = np.ascontiguousarray(queries, np.float32)
         caller = params.sel if params is not None else None
-        sel = self._base_selector(caller)
-        base = self.base_gpu if (sel is None and self.base_gpu is not None) else self.base
-        s1, i1 = base.search(q, k, params=faiss.SearchParameters(sel=sel)) if sel is not None else base.search(q, k)
+        if caller is None and self.base_gpu is not None and k + len(self.hidden) <= GPU_MAX_K:
+            # the GPU copy takes no selector: ask it for enough to drop the hidden ids afterwards
+            s1, i1 = self.base_gpu.search(q, k + len(self.hidden))
+            gone = _member(self.hidden, i1.ravel()).reshape(i1.shape)
+            keep = np.argsort(gone, axis=1, kind="stable")[:, :k]
+            s1, i1 = np.take_along_axis(s1, keep, 1), np.where(np.take_along_axis(gone, keep, 1), -1, np.take_along_axis(i1, keep, 1))
+        else:
+            sel = self._base_selector(caller)
+            s1, i1 = self.base.search(q, k, params=self._params(self.base, sel)) if sel is not None else self.base.search(q, k)
         if self.overlay.ntotal == 0:
             return s1, i1
         s2, i2 = self.overlay.search(q, k, params=params) if caller is not None else self.overlay.search(q, k)
@@ -109,12 +119,15 @@ class LayeredIndex:
         scores, ids = np.take_along_axis(scores, top, 1), np.take_along_axis(ids, top, 1)
         return np.where(ids < 0, -np.finfo(np.float32).max, scores).astype(np.float32), ids
 
+    @staticmethod
+    def _params(index: faiss.Index, sel) -> faiss.SearchParameters:
+        """A selector for `index`: an IVF index takes only IVF parameters (keeping its own nprobe)."""
+        ivf = faiss.try_extract_index_ivf(index)
+        return faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe) if ivf is not None else faiss.SearchParameters(sel=sel)
+
     def _base_selector(self, caller):
         if not len(self.hidden):
             return caller
-        if self._hide_sel is None:
-            batch = faiss.IDSelectorBatch(self.hidden)
-            self._hide_sel = (faiss.IDSelectorNot(batch), batch)  # keep the inner selector alive
         hide = self._hide_sel[0]
         if caller is None:
             return hide

@@ -39,12 +39,13 @@ class StabilityCurve:
         self._last: dict[int, tuple[int, np.ndarray]] = {}  # item -> (updates, vector) in the previous version
 
     def update(self, item_ids: np.ndarray, counts: np.ndarray, updates: np.ndarray, vectors: np.ndarray) -> None:
-        """Adds the drift per update of every item that was in the previous version and was trained since."""
+        """Adds the drift per update of every given item that was exported before and trained since
+        (a version exports only the items that changed: the others keep their last vector)."""
         for i, c, n, v in zip(item_ids.tolist(), counts.tolist(), updates.tolist(), vectors):
             before = self._last.get(i)
             if before is not None and n > before[0]:
                 self.samples.append((int(c), float(1.0 - np.dot(before[1], v)) / (n - before[0])))
-        self._last = {i: (n, v) for i, n, v in zip(item_ids.tolist(), updates.tolist(), vectors.copy())}
+        self._last.update({i: (n, v) for i, n, v in zip(item_ids.tolist(), updates.tolist(), vectors.copy())})
 
     def curve(self) -> list[dict]:
         """Per populated bin: its first count, the median drift and how many drifts it holds."""

@@ -8,8 +8,9 @@ and the items in one of two forms:
   version before it. Its manifest names its base and the chain of segments since then,
   so a reader applies only the segments it has not seen (see `embeddings/layered.py`).
 `publish` diffs the catalogue against the last version it wrote and writes a segment when
-little changed; `publish_delta` takes the change itself, for callers that know it, and
-costs what changed even at 10M items. A base is rebuilt every `rebase_every` versions, or
+little changed; `publish_delta` takes the change itself, for callers that know it (the
+trainer), and costs what changed even at 10M items: the publisher keeps the catalogue and
+folds the changes in only when it writes a base. A base is rebuilt every `rebase_every` versions, or
 when the segments since it hold more than `rebase_fraction` of the catalogue.
 Files are fsynced, written under a temporary name and renamed into place, then `LATEST`
 is replaced atomically: a reader sees a whole version or none. The newest `keep`
@@ -57,11 +58,17 @@ def version_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("v[0-9]*") if p.is_dir())
 
 
-def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> faiss.Index:
-    """Inner-product index over unit vectors (cosine); ids are the item ids themselves."""
+def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str, search_params: str = "") -> faiss.Index:
+    """Inner-product index over unit vectors (cosine); ids are the item ids themselves.
+    `search_params` (e.g. "nprobe=16") are set on the index and saved with it. An IVF index gets
+    its direct map, so that serving can reconstruct an item's vector (/similar)."""
     base = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not base.is_trained:
         base.train(vectors)
+    if search_params:
+        faiss.ParameterSpace().set_index_parameters(base, search_params)
+    if (ivf := faiss.try_extract_index_ivf(base)) is not None:
+        ivf.make_direct_map()
     index = faiss.IndexIDMap2(base)
     index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids.astype(np.int64))
     return index
@@ -74,9 +81,51 @@ class Published:
     manifest: dict
 
 
+class Catalogue:
+    """The last published (ids, vectors), kept so that a change can be published without the
+    caller holding the whole catalogue. A change is recorded in O(change) (a delta at 10M items
+    must not copy 2.5 GB); it is folded into sorted arrays only when a base is written or a whole
+    catalogue is diffed against it, which cost O(catalogue) anyway."""
+
+    def __init__(self, ids: np.ndarray, vecs: np.ndarray):
+        self._ids, self._vecs = ids, vecs  # sorted
+        self._upserts: dict[int, np.ndarray] = {}
+        self._removed: set[int] = set()
+
+    def apply(self, upsert_ids: np.ndarray, upsert_vecs: np.ndarray, removed_ids: np.ndarray) -> None:
+        for i in np.asarray(removed_ids, np.int64).tolist():
+            self._upserts.pop(i, None)
+            self._removed.add(i)
+        for i, v in zip(np.asarray(upsert_ids, np.int64).tolist(), upsert_vecs):
+            self._upserts[i] = v
+            self._removed.discard(i)
+
+    def _found(self, ids: np.ndarray) -> np.ndarray:
+        """Where each of `ids` is in the sorted base, or -1 (O(k log n): no pass over the base)."""
+        pos = np.searchsorted(self._ids, ids).clip(0, max(len(self._ids) - 1, 0))
+        return np.where((self._ids[pos] == ids) if len(self._ids) else np.zeros(len(ids), bool), pos, -1)
+
+    def __len__(self) -> int:
+        new = int((self._found(np.fromiter(self._upserts, np.int64, len(self._upserts))) < 0).sum())
+        return len(self._ids) + new - int((self._found(np.fromiter(self._removed, np.int64, len(self._removed))) >= 0).sum())
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted ids, vectors), with every recorded change folded in."""
+        if self._upserts or self._removed:
+            up = np.fromiter(self._upserts, np.int64, len(self._upserts))
+            up_vecs = np.stack(list(self._upserts.values())) if len(up) else self._vecs[:0]
+            gone = np.zeros(len(self._ids), bool)
+            at = self._found(np.concatenate([up, np.fromiter(self._removed, np.int64, len(self._removed))]))
+            gone[at[at >= 0]] = True
+            ids, vecs = np.concatenate([self._ids[~gone], up]), np.concatenate([self._vecs[~gone], up_vecs])
+            order = np.argsort(ids, kind="stable")
+            self._ids, self._vecs, self._upserts, self._removed = ids[order], vecs[order], {}, set()
+        return self._ids, self._vecs
+
+
 class IndexPublisher:
     def __init__(self, root: str | Path, keep: int = 3, factory: str = "Flat", rebase_every: int = 10,
-                 rebase_fraction: float = 0.2, cache: Path | None = None):
+                 rebase_fraction: float = 0.2, cache: Path | None = None, search_params: str = ""):
         """root: a local directory, or an object-store prefix (s3://...): then each version is
         written in `cache` as locally, uploaded file by file (the manifest last), and LATEST is
         replaced last, so a reader never follows it to a version that is not whole."""
@@ -84,7 +133,7 @@ class IndexPublisher:
         self.root = Path(cache or tempfile.mkdtemp(prefix="coldstream-index-")) if self.remote else Path(root)
         if self.remote:
             self._adopt_remote_latest()
-        self.keep, self.factory = keep, factory
+        self.keep, self.factory, self.search_params = keep, factory, search_params
         self.rebase_every, self.rebase_fraction = rebase_every, rebase_fraction
         self.root.mkdir(parents=True, exist_ok=True)
         # what this process last wrote: a delta needs a base it wrote itself (after a restart, a base comes first)
@@ -92,7 +141,7 @@ class IndexPublisher:
         self._segments: list[str] = []
         self._since_base = 0  # rows upserted or removed since the base
         self._base_rows = 0
-        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, vectors) of the last version, for diffs
+        self._last: Catalogue | None = None  # the last version's items, for diffs and for bases built from deltas
 
     def _adopt_remote_latest(self) -> None:
         """Numbers continue after the store's newest version, and its step and offsets stay the floor."""
@@ -151,32 +200,45 @@ class IndexPublisher:
             ids, vecs = ids[order], vecs[order]
         else:  # already sorted (the trainer's case): one copy, kept for the next diff
             ids, vecs = ids.copy(), np.array(vecs, copy=True, order="C")
-        if self._last is not None and self._base is not None:
-            last_ids, last_vecs = self._last
-            pos = np.searchsorted(last_ids, ids).clip(0, max(len(last_ids) - 1, 0))
-            known = (last_ids[pos] == ids) if len(last_ids) else np.zeros(len(ids), bool)
-            changed = ~known
-            changed[known] = (last_vecs[pos[known]] != vecs[known]).any(1)
-            removed = np.setdiff1d(last_ids, ids, assume_unique=True)
-            if not self._rebase_due(int(changed.sum()) + len(removed), len(ids)):
-                out = self.publish_delta(ids[changed], vecs[changed], removed, user_ids, user_vecs, info, extra)
-                self._last = (ids, vecs) if out is not None else (last_ids, last_vecs)
-                return out
-        out = self._write(info, user_ids, user_vecs, extra, base=(ids, vecs))
-        if out is not None:
-            self._last = (ids, vecs)
-        return out
+        if self._last is None or self._base is None:
+            return self._commit(Catalogue(ids, vecs), info, user_ids, user_vecs, extra)
+        last_ids, last_vecs = self._last.arrays()
+        pos = np.searchsorted(last_ids, ids).clip(0, max(len(last_ids) - 1, 0))
+        known = (last_ids[pos] == ids) if len(last_ids) else np.zeros(len(ids), bool)
+        changed = ~known
+        changed[known] = (last_vecs[pos[known]] != vecs[known]).any(1)
+        removed = np.setdiff1d(last_ids, ids, assume_unique=True)
+        return self._commit(Catalogue(ids, vecs), info, user_ids, user_vecs, extra, (ids[changed], vecs[changed], removed))
 
     def publish_delta(self, upsert_ids: np.ndarray, upsert_vecs: np.ndarray, removed_ids: np.ndarray, user_ids: np.ndarray,
                       user_vecs: np.ndarray, info: dict, extra: dict[str, Callable[[Path], None]] | None = None) -> Published | None:
         """Publishes a change: `upsert_ids` (new, or with new vectors) and `removed_ids`, on top of
-        the last version this publisher wrote, which must exist (a base comes first)."""
-        if self._base is None:
+        the last version this publisher wrote, which must exist (a base comes first). The change is
+        applied to the catalogue the publisher keeps; when a base is due, the base is written instead."""
+        if self._base is None or self._last is None:
             raise RuntimeError("publish_delta needs a base written by this publisher first: call publish()")
-        self._last = None  # the caller knows the change, not the catalogue: the next publish() writes a base
-        return self._write(info, user_ids, user_vecs, extra, delta=(np.asarray(upsert_ids, np.int64),
-                                                                    np.ascontiguousarray(upsert_vecs, np.float32),
-                                                                    np.asarray(removed_ids, np.int64)))
+        change = (np.asarray(upsert_ids, np.int64), np.ascontiguousarray(upsert_vecs, np.float32), np.asarray(removed_ids, np.int64))
+        catalogue = self._last
+        catalogue.apply(*change)
+        return self._commit(catalogue, info, user_ids, user_vecs, extra, change)
+
+    @property
+    def takes_deltas(self) -> bool:
+        """Whether `publish_delta` may be called: this publisher wrote the last version."""
+        return self._base is not None and self._last is not None
+
+    def _commit(self, catalogue: Catalogue, info: dict, user_ids: np.ndarray, user_vecs: np.ndarray,
+                extra: dict[str, Callable[[Path], None]] | None,
+                change: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Published | None:
+        """Writes `change` as a delta segment, or the whole catalogue as a base when there is no
+        change to write (first version) or a base is due."""
+        if change is not None and not self._rebase_due(len(change[0]) + len(change[2]), len(catalogue)):
+            out = self._write(info, user_ids, user_vecs, extra, delta=change)
+        else:
+            out = self._write(info, user_ids, user_vecs, extra, base=catalogue.arrays())
+        # a refused write (older than the latest version) leaves no catalogue: the next publication is whole
+        self._last = catalogue if out is not None else None
+        return out
 
     def _rebase_due(self, changed_rows: int, catalogue: int) -> bool:
         return (len(self._segments) + 1 >= self.rebase_every
@@ -198,7 +260,7 @@ class IndexPublisher:
         tmp.mkdir()
         if base is not None:
             ids, vecs = base
-            faiss.write_index(build_index(vecs, ids, self.factory), str(tmp / INDEX_FILE))
+            faiss.write_index(build_index(vecs, ids, self.factory, self.search_params), str(tmp / INDEX_FILE))
             np.save(tmp / ITEMS_FILE, ids)
             files = [INDEX_FILE, ITEMS_FILE]
             layout = {"n_items": int(len(ids)), "dim": int(vecs.shape[1]) if vecs.ndim == 2 else 0}

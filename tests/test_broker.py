@@ -35,7 +35,7 @@ def test_partitions_split_dead_letters_and_seek(broker, kafka_cfg):
     prod = EventProducer(kafka_cfg, broker.bootstrap)
     for i in range(400):
         prod.interaction(Interaction(i % 40, i % 17, "play", float(i)))
-    bad = [b"{oops", json.dumps({"user_id": 1, "item_id": 999, "event": "play", "ts": 1}).encode(),
+    bad = [b"{oops", json.dumps({"user_id": 1, "item_id": 2**62, "event": "play", "ts": 1}).encode(),
            b"[" * 900_000, b"[" * 5_000, b'{"user_id": 1, "item_id": 3, "event": "play", "ts": Infinity}']  # poison
     for b in bad:
         prod.raw_interaction(1, b)

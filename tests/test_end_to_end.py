@@ -210,7 +210,7 @@ def test_impossible_partition_setups_stop_at_start(tmp_path, broker):
     """A config that disagrees with the topic, or a worker that would own no partition: exit 2, named."""
     ensure_topics(KafkaConfig(), broker.bootstrap)  # interactions has 4 partitions
     for extra, message in ((["--set", "kafka.interaction_partitions=1"], "has 4 partitions"),
-                           (["--workers", "5"], "train.workers=5 exceeds the 4 partitions")):
+                           (["--workers", "6"], "train.workers=6 exceeds the 4 partitions")):
         proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", "--bootstrap-servers", broker.bootstrap,
                                "--runs-dir", str(tmp_path), "--no-gpu", *extra], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2, proc.stderr[-2000:]

@@ -122,3 +122,46 @@ def test_publish_delta_takes_the_change_itself(tmp_path):
     assert reader.current.index.contains(np.array([7, 99, 3, 4])).tolist() == [True, True, False, True]
     _, top = reader.search(new, 1)
     assert top.ravel().tolist() == [7, 99]
+    # the publisher kept the catalogue: when a base is due, it is built from the changes folded in
+    pub.rebase_every = 2
+    out = pub.publish_delta(np.array([100]), _vecs(1, seed=6), np.array([99]), np.array([0]), _vecs(1), {"step": 3})
+    assert (out.path / INDEX_FILE).exists() and not (out.path / DELTA_FILE).exists()
+    assert reader.refresh() and reader.current.index.ntotal == 50
+    assert reader.current.index.contains(np.array([7, 99, 3, 100])).tolist() == [True, False, False, True]
+    np.testing.assert_allclose(reader.current.index.reconstruct(7), new[0], rtol=1e-6)
+    np.testing.assert_allclose(reader.current.index.reconstruct(10), _vecs(50)[10], rtol=1e-6)
+
+
+def test_an_ivf_index_serves_with_its_nprobe_selectors_deltas_and_reconstruct(tmp_path):
+    vecs = _vecs(2000, seed=3)
+    pub = IndexPublisher(tmp_path, factory="IVF16,Flat", search_params="nprobe=16")  # every list: exact answers
+    reader = IndexReader(tmp_path, use_gpu=False)
+    pub.publish(np.arange(2000), vecs, np.array([0]), _vecs(1), {"step": 1})
+    assert reader.refresh() and faiss.extract_index_ivf(reader.current.index.base).nprobe == 16
+    _, top = reader.search(vecs[:5], 1)
+    assert top.ravel().tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(reader.current.index.reconstruct(1234), vecs[1234], rtol=1e-6)
+    pub.publish_delta(np.array([5000]), vecs[7:8], np.array([7]), np.array([0]), _vecs(1), {"step": 2})
+    assert reader.refresh()  # a segment hides id 7 in the IVF base: selectors must reach it
+    _, top = reader.search(vecs[7:8], 2)
+    assert top.ravel().tolist()[0] == 5000 and 7 not in top.ravel().tolist()
+    _, top = reader.search(vecs[:1], 3, candidates=np.array([1, 2, 7]))
+    assert set(top.ravel().tolist()) == {1, 2, -1}  # two candidates left: -1 pads, as faiss does
+
+
+def test_the_gpu_copy_still_answers_once_segments_hide_base_ids():
+    """The GPU copy of a base takes no selector: hidden ids are asked for and dropped after. A CPU
+    clone stands in for the GPU copy; the answers must match the selector path's exactly."""
+    from embeddings.layered import LayeredIndex
+    from embeddings.publish import build_index
+
+    vecs = _vecs(500, seed=9)
+    base = build_index(vecs, np.arange(500), "Flat")
+    plain, with_copy = LayeredIndex(base, np.arange(500)), LayeredIndex(base, np.arange(500), base_gpu=faiss.clone_index(base))
+    for index in (plain, with_copy):
+        index.apply(np.array([3, 900]), _vecs(2, seed=10), np.array([1, 2, 4]))
+    plain, with_copy = plain.derive(), with_copy.derive()  # a later version shares the hidden set and its selector
+    queries = vecs[:6]
+    (s1, i1), (s2, i2) = plain.search(queries, 10), with_copy.search(queries, 10)
+    assert (i1 == i2).all() and np.allclose(s1, s2)
+    assert not np.isin(i2, [1, 2, 4]).any() and 0 in i2[:, 0]

@@ -24,11 +24,12 @@ class KeyedCounts:
                 s = self.slot[k] = len(self.slot)
             out[n] = s
         if len(self.slot) > len(self._values):
-            self._values = np.concatenate([self._values, np.zeros(max(len(self.slot), len(self._values)) , np.int64)])
+            self._values = np.concatenate([self._values, np.zeros(max(len(self.slot), len(self._values)), np.int64)])
         return out
 
     def add(self, keys: np.ndarray, amount: int | np.ndarray = 1) -> None:
-        np.add.at(self._values, self._slots(keys, create=True), amount)
+        slots = self._slots(keys, create=True)  # first: it may grow (replace) the array
+        np.add.at(self._values, slots, amount)
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         """The count of each key (0 for a key never added)."""

@@ -56,8 +56,8 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     Per item, every variant the publisher may serve: "full" (content + ID embedding: a mature
     item), "content" (content alone), and per MEMER signal s "early_s" (the mapping at the
     item's stage, `stages[k]` in [0, 1]). Every rank returns the full result (gathered), in the
-    order of the ids given. All ranks must pass the same ids. `group` carries the object gather
-    (a gloo group: the vectors travel as host arrays).
+    order of the ids given. All ranks must pass the same ids. `group` carries the gathers (a gloo
+    group: the vectors travel as host tensors, padded to the longest rank's share).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = dense.training
@@ -65,7 +65,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     sparse.eval()  # a lookup in training mode would claim rows for the ids it reads (managed collisions)
     stage_of = dict(zip(item_ids.tolist(), stages.tolist()))
     names: list[str] = []
-    item_out: dict[int, np.ndarray] = {}  # item -> [variants, D]
+    item_keys, item_rows = [], []  # this rank's share: keys and [n, variants, D]
     for part in _chunks(item_ids, rank, world, chunk):
         emb = sparse(item_kjt(store, part).to(device))
         frames, tokens, has_frames = (t.to(device) for t in gather_content(store.content(), torch.from_numpy(store.slots(part))))
@@ -75,25 +75,43 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
             freq = torch.tensor([stage_of[int(i)] for i in part], device=device)
             variants |= {f"early_{s}": v for s, v in dense.memer.early(feat, freq, variants["content"]).items()}
         names = list(variants)
-        stacked = torch.stack(list(variants.values()), 1).cpu().numpy()
-        item_out.update(zip(part.tolist(), stacked))
-    user_out: dict[int, np.ndarray] = {}
+        item_keys.append(torch.from_numpy(part))
+        item_rows.append(torch.stack(list(variants.values()), 1).float().cpu())
+    user_keys, user_rows = [], []
     for part in _chunks(user_ids, rank, world, 4 * chunk):
-        vec = dense.user_vector(sparse(user_kjt(part).to(device))[USER])
-        user_out.update(zip(part.tolist(), vec.float().cpu().numpy()))
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (item_out, user_out), group=group)
-        for items_part, users_part in gathered:
-            item_out.update(items_part)
-            user_out.update(users_part)
+        user_keys.append(torch.from_numpy(part))
+        user_rows.append(dense.user_vector(sparse(user_kjt(part).to(device))[USER]).float().cpu())
     dense.train(was_training)
     sparse.train(was_training)
-    dim = next(iter(user_out.values())).shape[0] if user_out else next(iter(item_out.values())).shape[-1]
-    stacked = np.stack([item_out[int(i)] for i in item_ids]) if len(item_ids) else np.zeros((0, len(names), dim), np.float32)
-    items = {n: stacked[:, k].astype(np.float32) for k, n in enumerate(names)}
-    users = np.stack([user_out[int(u)] for u in user_ids]) if len(user_ids) else np.zeros((0, dim), np.float32)
-    return items, users.astype(np.float32)
+    items = _in_order(item_ids, *gather_rows(torch.cat(item_keys), torch.cat(item_rows), group))
+    users = _in_order(user_ids, *gather_rows(torch.cat(user_keys), torch.cat(user_rows), group))
+    return {n: np.ascontiguousarray(items[:, k]) for k, n in enumerate(names)}, users
+
+
+def gather_rows(keys: torch.Tensor, rows: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (keys [n], rows [n, ...]) on every rank, as tensors: shares are padded to the
+    longest, gathered, and cut back (a collective; host tensors on a gloo group)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return keys.numpy(), rows.numpy()
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(keys)]), group=group)
+    longest = int(max(sizes)[0])
+    pad_keys = torch.zeros(longest, dtype=torch.int64)
+    pad_keys[: len(keys)] = keys
+    pad_rows = rows.new_zeros((longest, *rows.shape[1:]))
+    pad_rows[: len(rows)] = rows
+    all_keys, all_rows = [torch.empty_like(pad_keys) for _ in range(world)], [torch.empty_like(pad_rows) for _ in range(world)]
+    dist.all_gather(all_keys, pad_keys, group=group)
+    dist.all_gather(all_rows, pad_rows, group=group)
+    n = [int(s[0]) for s in sizes]
+    return (torch.cat([k[:m] for k, m in zip(all_keys, n)]).numpy(), torch.cat([r[:m] for r, m in zip(all_rows, n)]).numpy())
+
+
+def _in_order(wanted: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """rows for `wanted` keys, in that order (shares may repeat a padding key; any copy will do)."""
+    order = np.argsort(keys, kind="stable")
+    return rows[order[np.searchsorted(keys, wanted, sorter=order)]].astype(np.float32)
 
 
 @torch.no_grad()
