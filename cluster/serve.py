@@ -173,7 +173,9 @@ class Service:
         if mapper is None:
             raise HTTPException(409, f"version {cur.version} has no early-stage mapping (MEMER is off); cannot embed new items")
         vec = mapper.embed(images, title, tags).astype(np.float32)
-        raw = parse_id(item_id)
+        # a new id is known nowhere: where the version's items carry string ids, it is a string even
+        # when it spells a number (else the trainer's copy, keyed by the string, would never replace it)
+        raw = item_id if cur.names else parse_id(item_id)
         key = id_key(raw)
         with self._posting:
             cur = self.current()  # a version swapped in while embedding has carried the older posts over

@@ -165,7 +165,9 @@ class Worker:
         self.evictions_before = 0  # ID-table evictions in runs before this one (from the checkpoint)
         # Incremental export (see publish): the encoder version vectors come from, and what was exported.
         self.encoder: torch.nn.Module | None = None
+        self.encoder_clusters: tuple[np.ndarray, np.ndarray] | None = None  # cluster embeddings frozen with it
         self.since_encoder = 0
+        self.exported_maturity = -1  # the M the last export staged items with
         self.exported: tuple[np.ndarray, np.ndarray] | None = None  # (sorted items, [updates, count, has_row] at export)
         self.served: np.ndarray | None = None  # items of the last version published (rank 0)
         # Freshness: (partition, offset, broker time) of events not yet in a version; announcement times.
@@ -393,16 +395,22 @@ class Worker:
         has_row = holds_row(self.sparse, "item_ids", spread(items), group=self.control)
         evicted = int(self._sum([sum(evictions(self.sparse).values())])[0]) + self.evictions_before
         new_encoder = final or self.encoder is None or self.since_encoder + 1 >= self.cfg.publish.rebase_every
-        if new_encoder:
+        if new_encoder:  # the dense model and the cluster embeddings (its inputs, trained in the tables) together
             self.encoder = copy.deepcopy(self.engine.module).eval()
+            self.encoder_clusters = cluster_rows(self.sparse, len(self.clusters[0].centroids), len(self.clusters[1].centroids),
+                                                 self.device)  # a collective
             self.since_encoder = 0
         else:
             self.since_encoder += 1
-        todo = self._to_export(items, counts, updates, has_row, full=new_encoder or not self.publisher_takes_deltas())
+        # a new M moves every early-stage item (its stage) and those crossing it: all are exported again
+        full = new_encoder or self.maturity != self.exported_maturity or not self.publisher_takes_deltas()
+        todo = self._to_export(items, counts, updates, has_row, full)
+        self.exported_maturity = self.maturity
         m = self.cfg.model
         ids, n, rowed = items[todo], counts[todo], has_row[todo]
         variants, user_vecs = export_vectors(self.sparse, self.encoder, self.store, ids, users,
-                                             stage(torch.from_numpy(n), self.maturity).numpy(), self.device, group=self.control)
+                                             stage(torch.from_numpy(n), self.maturity).numpy(), self.device, group=self.control,
+                                             clusters=self.encoder_clusters)
         # every rank: the same vectors, the same M; an item without a row has no ID embedding to measure
         self.curve.update(ids[rowed], n[rowed], updates[todo][rowed], variants["full"][rowed])
         measured = self.curve.threshold()
@@ -412,8 +420,6 @@ class Worker:
         early = f"early_{m.memer_signals[0]}" if m.memer_signals else "content"
         item_vecs = np.where(((n >= self.maturity) & rowed)[:, None], variants["full"], variants[early])
         event_lat, item_lat = self._freshness(trained, time.time())
-        rows = (cluster_rows(self.sparse, len(self.clusters[0].centroids), len(self.clusters[1].centroids), self.device)
-                if m.memer_signals else None)  # a collective: every rank or none, and only the mapping needs it
         replay = self.replay.ordered()
         seen_users, seen_items = gather_rows(torch.from_numpy(replay[:, 0].copy()), torch.from_numpy(replay[:, 1:2].copy()), self.control)
         small: list = [None] * self.world
@@ -437,7 +443,8 @@ class Worker:
             extra[EARLY_FILE] = lambda path: np.savez(path, ids=ids, counts=n, **variants)
         if m.memer_signals:
             centroids = (self.clusters[0].centroids, self.clusters[1].centroids)
-            info["mapping"] = save_mapping(self.encoder, m, self.maturity, centroids, rows, self.run_dir / f".{MAPPING_FILE}.rank0")
+            info["mapping"] = save_mapping(self.encoder, m, self.maturity, centroids, self.encoder_clusters,
+                                           self.run_dir / f".{MAPPING_FILE}.rank0")
             extra[MAPPING_FILE] = lambda path: (self.run_dir / f".{MAPPING_FILE}.rank0").replace(path)
         named = {str(k): self.names[k] for k in (*items.tolist(), *users.tolist()) if k >= INT_ID_LIMIT and k in self.names}
         if named:  # string ids: the index is keyed by their int64 keys, and this says which string each is

@@ -20,14 +20,21 @@ CFG = ModelConfig(user_rows=96, item_rows=48, n_clusters=4, embedding_dim=16, d_
                   text_layers=1, frames=2, frame_size=16, patch=8, text_vocab=64, text_len=4, id_dropout=0.0)
 
 
-def _batch(rank: int, users: np.ndarray | None = None):
-    from trainer.batch import ContentStore, make_batch
-    from trainer.counts import KeyedCounts
+def _store(rng: np.random.Generator):
+    from trainer.batch import ContentStore
 
-    rng = np.random.default_rng(rank)
     store = ContentStore(CFG)
     for i in range(8):
         store.add(i, rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8), True, f"word{i} other", i % 4, (i + 1) % 4)
+    return store
+
+
+def _batch(rank: int, users: np.ndarray | None = None):
+    from trainer.batch import make_batch
+    from trainer.counts import KeyedCounts
+
+    rng = np.random.default_rng(rank)
+    store = _store(rng)
     # users 0..7 on rank 0, 40..47 on rank 1: with row-wise sharding each rank's users live on different shards
     users = np.arange(8) + 40 * rank if users is None else users
     return make_batch(users, np.arange(8), store, 1.0, rng, KeyedCounts(), KeyedCounts())
@@ -67,6 +74,14 @@ def _worker(rank: int, port: int, out: dict) -> None:
         step(_batch(rank, new_users))
     last_held = holds_row(sparse, "user_ids", spread(np.arange(16) + 1000 + 16 * 39))
     first_held = holds_row(sparse, "user_ids", spread(np.r_[np.arange(8), np.arange(8) + 40]))
+    # export with a frozen (eval-mode) encoder copy, as publication does: the tables must go on training
+    import copy
+
+    from trainer.step import export_vectors
+
+    export_vectors(sparse, copy.deepcopy(engine.module).eval(), _store(np.random.default_rng(0)), np.arange(8), np.arange(16), np.zeros(8),
+                   torch.device("cpu"))
+    tables_still_training = sparse.training and all(m.training for m in sparse.modules())
     changed_rows = (before_users != after_users).any(dim=1).nonzero().flatten().tolist()
     dense_changed = any(not torch.equal(a, b) for a, b in zip(before_dense, engine.module.parameters()))
     flat = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
@@ -80,7 +95,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
         "dense_equal_across_ranks": torch.equal(gathered[0], gathered[1]),
         "losses": losses,
         "users_held": users_held.tolist(), "last_held": last_held.tolist(), "first_held": first_held.tolist(),
-        "evictions": evictions(sparse),
+        "evictions": evictions(sparse), "tables_still_training": tables_still_training,
         "remap_state": sorted(k for k in sparse.state_dict() if "_mch_sorted_raw_ids" in k),
     }
     dist.destroy_process_group()
@@ -103,6 +118,7 @@ def test_dmp_and_deepspeed_share_one_backward():
     assert all(r0["first_held"]) and all(r1["first_held"])
     assert r0["evictions"]["user_ids"] + r1["evictions"]["user_ids"] > 300
     assert r0["evictions"]["item_ids"] == r1["evictions"]["item_ids"] == 0
+    assert r0["tables_still_training"] and r1["tables_still_training"]
     assert any("user_ids" in k for k in r0["remap_state"])  # the remap is in the state dict: checkpoints keep it
     assert r0["dense_changed"] and r1["dense_changed"]
     assert r0["dense_equal_across_ranks"]

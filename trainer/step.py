@@ -49,18 +49,20 @@ def _chunks(ids: np.ndarray, rank: int, world: int, size: int) -> list[np.ndarra
 
 @torch.no_grad()
 def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, user_ids: np.ndarray, stages: np.ndarray,
-                   device: torch.device, chunk: int = 256, group: dist.ProcessGroup | None = None
-                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                   device: torch.device, chunk: int = 256, group: dist.ProcessGroup | None = None,
+                   clusters: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Unit vectors for the given items and users, computed by all ranks together.
 
     Per item, every variant the publisher may serve: "full" (content + ID embedding: a mature
     item), "content" (content alone), and per MEMER signal s "early_s" (the mapping at the
     item's stage, `stages[k]` in [0, 1]). Every rank returns the full result (gathered), in the
     order of the ids given. All ranks must pass the same ids. `group` carries the gathers (a gloo
-    group: the vectors travel as host tensors, padded to the longest rank's share).
+    group: the vectors travel as host tensors, padded to the longest rank's share). `clusters`:
+    cluster embeddings (frames [k, D], text [k, D]) to use instead of the live cluster tables (the
+    ones frozen with an encoder version, see cluster.worker).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    was_training = dense.training
+    dense_was, sparse_was = dense.training, sparse.training
     dense.eval()
     sparse.eval()  # a lookup in training mode would claim rows for the ids it reads (managed collisions)
     stage_of = dict(zip(item_ids.tolist(), stages.tolist()))
@@ -68,6 +70,10 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     item_keys, item_rows = [], []  # this rank's share: keys and [n, variants, D]
     for part in _chunks(item_ids, rank, world, chunk):
         emb = sparse(item_kjt(store, part).to(device))
+        if clusters is not None:
+            slots = store.slots(part)
+            emb[FRAME_CLUSTER] = torch.from_numpy(clusters[0][store.frame_cluster[slots]]).to(device)
+            emb[TEXT_CLUSTER] = torch.from_numpy(clusters[1][store.text_cluster[slots]]).to(device)
         frames, tokens, has_frames = (t.to(device) for t in gather_content(store.content(), torch.from_numpy(store.slots(part))))
         content, id_part, feat = dense.item_parts(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames)
         variants = {"full": F.normalize((content + id_part).float(), dim=-1), "content": F.normalize(content.float(), dim=-1)}
@@ -81,8 +87,8 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     for part in _chunks(user_ids, rank, world, 4 * chunk):
         user_keys.append(torch.from_numpy(part))
         user_rows.append(dense.user_vector(sparse(user_kjt(part).to(device))[USER]).float().cpu())
-    dense.train(was_training)
-    sparse.train(was_training)
+    dense.train(dense_was)
+    sparse.train(sparse_was)  # not dense's: the encoder copy is always in eval mode, and the tables must go on training
     items = _in_order(item_ids, *gather_rows(torch.cat(item_keys), torch.cat(item_rows), group))
     users = _in_order(user_ids, *gather_rows(torch.cat(user_keys), torch.cat(user_rows), group))
     return {n: np.ascontiguousarray(items[:, k]) for k, n in enumerate(names)}, users
