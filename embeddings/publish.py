@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,6 +132,8 @@ class IndexPublisher:
         replaced last, so a reader never follows it to a version that is not whole."""
         self.remote = str(root) if storage.is_remote(root) else None
         self.root = Path(cache or tempfile.mkdtemp(prefix="coldstream-index-")) if self.remote else Path(root)
+        if self.remote and cache is None:  # a cache of our own making goes with us
+            weakref.finalize(self, shutil.rmtree, self.root, True)
         if self.remote:
             self._adopt_remote_latest()
         self.keep, self.factory, self.search_params = keep, factory, search_params

@@ -11,6 +11,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -68,6 +69,8 @@ class IndexReader:
         versions it follows are downloaded into `cache` (a base once, then only segments)."""
         self.remote = str(root) if storage.is_remote(root) else None
         self.root = Path(cache or tempfile.mkdtemp(prefix="coldstream-reader-")) if self.remote else Path(root)
+        if self.remote and cache is None:  # a cache of our own making goes with us
+            weakref.finalize(self, shutil.rmtree, self.root, True)
         self.use_gpu = gpu_available() if use_gpu is None else use_gpu
         self._gpu_res = faiss.StandardGpuResources() if self.use_gpu else None
         self._current: LoadedVersion | None = None

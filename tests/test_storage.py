@@ -79,6 +79,15 @@ def test_the_index_is_published_to_and_followed_from_the_store(s3, tmp_path):
     assert storage.list_names(index) == ["LATEST", "v000001", "v000002", "v000003"]  # v2 still needs its base v1
     assert IndexPublisher(index, keep=1, cache=tmp_path / "pub3").publish(ids, vecs, np.array([1]), _vecs(1), {"step": 4})
     assert storage.list_names(index) == ["LATEST", "v000004"]  # pruned in the store too
+    # without a cache given, each makes a temporary one, and it goes with them
+    import gc
+
+    temp = IndexReader(index, use_gpu=False)
+    assert temp.refresh() and temp.version == 4
+    where = temp.root
+    del temp
+    gc.collect()
+    assert not where.exists()
 
 
 def test_a_demo_run_keeps_shards_checkpoints_and_index_in_the_store(s3, tmp_path):
