@@ -99,6 +99,7 @@ class Service:
             for u, i in np.load(path / "seen.npz")["pairs"].tolist():
                 seen.setdefault(u, set()).add(i)
         loaded.extras["seen"] = seen
+        loaded.string_item_ids  # noqa: B018 - computed here, with the version, not on a request
         loaded.names.update(self.posted_names)
         posted = np.array(list(self.posted), np.int64)
         for item, trained in zip(posted.tolist(), loaded.index.contains(posted)):
@@ -175,7 +176,7 @@ class Service:
         vec = mapper.embed(images, title, tags).astype(np.float32)
         # a new id is known nowhere: where the version's items carry string ids, it is a string even
         # when it spells a number (else the trainer's copy, keyed by the string, would never replace it)
-        raw = item_id if cur.names else parse_id(item_id)
+        raw = item_id if cur.string_item_ids else parse_id(item_id)
         key = id_key(raw)
         with self._posting:
             cur = self.current()  # a version swapped in while embedding has carried the older posts over

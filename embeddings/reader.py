@@ -23,7 +23,7 @@ import numpy as np
 from embeddings.layered import LayeredIndex
 from embeddings.publish import DELTA_FILE, INDEX_FILE, ITEMS_FILE, LATEST, MANIFEST, NAMES_FILE, USERS_FILE, sha256
 from streaming import storage
-from streaming.schema import RawId, id_key, parse_id, raw_id
+from streaming.schema import INT_ID_LIMIT, RawId, id_key, parse_id, raw_id
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,12 @@ class LoadedVersion:
     published: LayeredIndex  # the version as published, never modified: the next version derives from it
     extras: dict = field(default_factory=dict)  # what a caller attaches while preparing it (see refresh)
     names: dict[int, str] = field(default_factory=dict)  # key -> string id (NAMES_FILE); integer ids are their keys
+
+    @cached_property
+    def string_item_ids(self) -> bool:
+        """Whether the items as published carry string ids (what a posted id that spells a number is)."""
+        ids = self.published.ids()
+        return bool(len(ids)) and int(ids[-1]) >= INT_ID_LIMIT
 
     def raw_id(self, key: int) -> RawId:
         """An item or user key as the stream carried it."""

@@ -77,11 +77,18 @@ def _worker(rank: int, port: int, out: dict) -> None:
     # export with a frozen (eval-mode) encoder copy, as publication does: the tables must go on training
     import copy
 
-    from trainer.step import export_vectors
+    from trainer.step import cluster_rows, export_vectors
 
-    export_vectors(sparse, copy.deepcopy(engine.module).eval(), _store(np.random.default_rng(0)), np.arange(8), np.arange(16), np.zeros(8),
-                   torch.device("cpu"))
+    frozen, store = copy.deepcopy(engine.module).eval(), _store(np.random.default_rng(0))
+    live, _ = export_vectors(sparse, frozen, store, np.arange(8), np.arange(16), np.zeros(8), torch.device("cpu"))
     tables_still_training = sparse.training and all(m.training for m in sparse.modules())
+    # the cluster rows frozen with an encoder version replace the live ones: equal rows, equal vectors
+    rows = cluster_rows(sparse, 4, 4, torch.device("cpu"))
+    same, _ = export_vectors(sparse, frozen, store, np.arange(8), np.arange(16), np.zeros(8), torch.device("cpu"), clusters=rows)
+    other, _ = export_vectors(sparse, frozen, store, np.arange(8), np.arange(16), np.zeros(8), torch.device("cpu"),
+                              clusters=(rows[0] + 1, rows[1]))
+    frozen_clusters_used = bool(np.allclose(live["content"], same["content"], atol=1e-5)
+                                and not np.allclose(live["content"], other["content"], atol=1e-3))
     changed_rows = (before_users != after_users).any(dim=1).nonzero().flatten().tolist()
     dense_changed = any(not torch.equal(a, b) for a, b in zip(before_dense, engine.module.parameters()))
     flat = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
@@ -96,6 +103,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
         "losses": losses,
         "users_held": users_held.tolist(), "last_held": last_held.tolist(), "first_held": first_held.tolist(),
         "evictions": evictions(sparse), "tables_still_training": tables_still_training,
+        "frozen_clusters_used": frozen_clusters_used,
         "remap_state": sorted(k for k in sparse.state_dict() if "_mch_sorted_raw_ids" in k),
     }
     dist.destroy_process_group()
@@ -119,6 +127,7 @@ def test_dmp_and_deepspeed_share_one_backward():
     assert r0["evictions"]["user_ids"] + r1["evictions"]["user_ids"] > 300
     assert r0["evictions"]["item_ids"] == r1["evictions"]["item_ids"] == 0
     assert r0["tables_still_training"] and r1["tables_still_training"]
+    assert r0["frozen_clusters_used"] and r1["frozen_clusters_used"]
     assert any("user_ids" in k for k in r0["remap_state"])  # the remap is in the state dict: checkpoints keep it
     assert r0["dense_changed"] and r1["dense_changed"]
     assert r0["dense_equal_across_ranks"]
