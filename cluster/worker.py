@@ -30,6 +30,7 @@ from cluster.devices import control_group, deepspeed_config, precision, want_gpu
 from cluster.pipeline import Prefetcher, StepClock
 from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
 from embeddings.mapping import MAPPING_FILE, save_mapping
+from embeddings.layered import changed_rows
 from embeddings.maturity import StabilityCurve
 from embeddings.publish import NAMES_FILE, IndexPublisher
 from embeddings.tables import evictions, holds_row, shard_sparse_arch
@@ -361,12 +362,10 @@ class Worker:
         whose vectors can have changed since their last export (new, trained, with new events,
         or that gained or lost their row). The same answer on every rank (the inputs are)."""
         state = np.stack([updates, counts, has_row.astype(np.int64)], 1)
-        changed = np.ones(len(items), bool)
-        if not full and self.exported is not None:
-            last_items, last_state = self.exported
-            pos = np.searchsorted(last_items, items).clip(0, max(len(last_items) - 1, 0))
-            known = last_items[pos] == items if len(last_items) else np.zeros(len(items), bool)
-            changed[known] = (last_state[pos[known]] != state[known]).any(1)
+        if full or self.exported is None:
+            changed = np.ones(len(items), bool)
+        else:
+            changed = changed_rows(*self.exported, items, state)
         self.exported = (items, state)
         changed[0] = True  # at least one item: the export's sharded lookups are collectives over a non-empty batch
         return changed

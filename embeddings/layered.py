@@ -20,10 +20,26 @@ import faiss
 import numpy as np
 
 
-def _member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def find_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Where each of `ids` is in `sorted_ids`, or -1 (O(k log n): no pass over the sorted array)."""
+    ids = np.asarray(ids, np.int64)
     if not len(sorted_ids):
-        return np.zeros(len(ids), bool)
-    return sorted_ids[np.searchsorted(sorted_ids, ids).clip(0, len(sorted_ids) - 1)] == ids
+        return np.full(len(ids), -1, np.int64)
+    pos = np.searchsorted(sorted_ids, ids).clip(0, len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
+def changed_rows(last_ids: np.ndarray, last_rows: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Which of `ids` are new against the sorted `last_ids`, or have another row than they had there."""
+    pos = find_sorted(last_ids, ids)
+    known = pos >= 0
+    changed = ~known
+    changed[known] = (last_rows[pos[known]] != rows[known]).any(1)
+    return changed
+
+
+def _member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return find_sorted(sorted_ids, ids) >= 0
 
 
 GPU_MAX_K = 2048  # the most results faiss's GPU indexes return per query

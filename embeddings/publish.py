@@ -39,6 +39,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from embeddings.layered import changed_rows, find_sorted
 from streaming import storage
 
 log = logging.getLogger(__name__)
@@ -101,14 +102,9 @@ class Catalogue:
             self._upserts[i] = v
             self._removed.discard(i)
 
-    def _found(self, ids: np.ndarray) -> np.ndarray:
-        """Where each of `ids` is in the sorted base, or -1 (O(k log n): no pass over the base)."""
-        pos = np.searchsorted(self._ids, ids).clip(0, max(len(self._ids) - 1, 0))
-        return np.where((self._ids[pos] == ids) if len(self._ids) else np.zeros(len(ids), bool), pos, -1)
-
     def __len__(self) -> int:
-        new = int((self._found(np.fromiter(self._upserts, np.int64, len(self._upserts))) < 0).sum())
-        return len(self._ids) + new - int((self._found(np.fromiter(self._removed, np.int64, len(self._removed))) >= 0).sum())
+        new = int((find_sorted(self._ids, np.fromiter(self._upserts, np.int64, len(self._upserts))) < 0).sum())
+        return len(self._ids) + new - int((find_sorted(self._ids, np.fromiter(self._removed, np.int64, len(self._removed))) >= 0).sum())
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted ids, vectors), with every recorded change folded in."""
@@ -116,7 +112,7 @@ class Catalogue:
             up = np.fromiter(self._upserts, np.int64, len(self._upserts))
             up_vecs = np.stack(list(self._upserts.values())) if len(up) else self._vecs[:0]
             gone = np.zeros(len(self._ids), bool)
-            at = self._found(np.concatenate([up, np.fromiter(self._removed, np.int64, len(self._removed))]))
+            at = find_sorted(self._ids, np.concatenate([up, np.fromiter(self._removed, np.int64, len(self._removed))]))
             gone[at[at >= 0]] = True
             ids, vecs = np.concatenate([self._ids[~gone], up]), np.concatenate([self._vecs[~gone], up_vecs])
             order = np.argsort(ids, kind="stable")
@@ -206,10 +202,7 @@ class IndexPublisher:
         if self._last is None or self._base is None:
             return self._commit(Catalogue(ids, vecs), info, user_ids, user_vecs, extra)
         last_ids, last_vecs = self._last.arrays()
-        pos = np.searchsorted(last_ids, ids).clip(0, max(len(last_ids) - 1, 0))
-        known = (last_ids[pos] == ids) if len(last_ids) else np.zeros(len(ids), bool)
-        changed = ~known
-        changed[known] = (last_vecs[pos[known]] != vecs[known]).any(1)
+        changed = changed_rows(last_ids, last_vecs, ids, vecs)
         removed = np.setdiff1d(last_ids, ids, assume_unique=True)
         return self._commit(Catalogue(ids, vecs), info, user_ids, user_vecs, extra, (ids[changed], vecs[changed], removed))
 
