@@ -170,7 +170,6 @@ class Worker:
         self.since_encoder = 0
         self.exported_maturity = -1  # the M the last export staged items with
         self.exported: tuple[np.ndarray, np.ndarray] | None = None  # (sorted items, [updates, count, has_row] at export)
-        self.served: np.ndarray | None = None  # items of the last version published (rank 0)
         # Freshness: (partition, offset, broker time) of events not yet in a version; announcement times.
         self.event_times: list = []  # [partition, offset, broker time]
         self.announced: dict[int, float] = {}
@@ -403,6 +402,8 @@ class Worker:
             self.since_encoder += 1
         # a new M moves every early-stage item (its stage) and those crossing it: all are exported again
         full = new_encoder or self.maturity != self.exported_maturity or not self.publisher_takes_deltas()
+        # what the last version held and this one does not (a delta always follows a version that was written)
+        removed = np.setdiff1d(self.exported[0], items, assume_unique=True) if self.exported is not None else np.zeros(0, np.int64)
         todo = self._to_export(items, counts, updates, has_row, full)
         self.exported_maturity = self.maturity
         m = self.cfg.model
@@ -445,17 +446,15 @@ class Worker:
             info["mapping"] = save_mapping(self.encoder, m, self.maturity, centroids, self.encoder_clusters,
                                            self.run_dir / f".{MAPPING_FILE}.rank0")
             extra[MAPPING_FILE] = lambda path: (self.run_dir / f".{MAPPING_FILE}.rank0").replace(path)
-        named = {str(k): self.names[k] for k in (*items.tolist(), *users.tolist()) if k >= INT_ID_LIMIT and k in self.names}
+        named = {str(k): self.names[k] for k in (*items.tolist(), *users.tolist()) if k in self.names} if self.names else {}
         if named:  # string ids: the index is keyed by their int64 keys, and this says which string each is
             extra[NAMES_FILE] = lambda path: path.write_text(json.dumps(named))
         if todo.all():
             pub = self.publisher.publish(ids, item_vecs, users, user_vecs, info, extra)
         else:
-            removed = np.setdiff1d(self.served, items, assume_unique=True) if self.served is not None else np.zeros(0, np.int64)
             pub = self.publisher.publish_delta(ids, item_vecs, removed, users, user_vecs, info, extra)
         if pub is None:
             return {}
-        self.served = items
         log.info("published index v%d: %d items (%d exported, %d mature, M=%d), %d users, step %d; freshness p50 %s s",
                  pub.version, len(items), len(ids), info["mature_items"], self.maturity, len(users), self.step,
                  info["freshness"]["event_to_version_s"].get("p50"))
