@@ -7,6 +7,7 @@
   broker   run a local Tansu broker with the project's topics until Ctrl-C
   replay   replay a dataset (generic CSV format, or --movielens) through Kafka + WebDataset
   eval     the cold-start evaluation protocol on a dataset: split, replay, train, publish, rank
+  score    rank an outside model's score matrices on a split `eval --export-split` wrote
   serve    the published index over HTTP: /recommend /similar POST /items /healthz /metrics
 
 Every subcommand reads one typed configuration: --config FILE.yaml, then
@@ -31,6 +32,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="rank an outside model's scores on an exported split (see eval --export-split)")
+    score.add_argument("--split", required=True, help="the folder `eval --export-split` wrote")
+    score.add_argument("--scores", required=True, help="npz with cold / warm / all: [eval_users, candidates] score matrices")
     for name in ("demo", "train", "produce", "broker", "replay", "eval", "serve"):
         s = sub.add_parser(name)
         s.add_argument("--config", help="YAML file with any of the sections: kafka, world, model, optim, train, publish")
@@ -73,6 +77,15 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "score":  # no run configuration: a split and a score file
+        from cluster.offline import score_external
+
+        try:
+            print(json.dumps(score_external(Path(args.split), Path(args.scores))), flush=True)
+        except (OSError, KeyError, ValueError) as exc:
+            print(f"score: {exc}", file=sys.stderr)
+            return 2
+        return 0
     from cluster.config import ConfigError, load_config
     from cluster.logs import setup_logging
 
@@ -126,7 +139,7 @@ def _demo(cfg, args):
 
 
 def _train(cfg, args):
-    from cluster.demo import train
+    from cluster.train import train
 
     return train(cfg)
 
@@ -195,7 +208,7 @@ def _replay(cfg, args):
 
 
 def _eval(cfg, args):
-    from cluster.evaluate import evaluate_dataset, export_split
+    from cluster.offline import evaluate_dataset, export_split
     from streaming.datasets import load_dataset
     from streaming.replay import split_dataset
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.chaos import Manifests  # noqa: E402
 from cluster.config import load_config  # noqa: E402
-from cluster.demo import train  # noqa: E402
+from cluster.train import train  # noqa: E402
 from cluster.logs import setup_logging  # noqa: E402
 
 EKKO_S = 2.4

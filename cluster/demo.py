@@ -1,4 +1,4 @@
-"""`launch.py demo` and `launch.py train`: the whole data path from one command.
+"""`launch.py demo`: the whole data path from one command, scored as it goes.
 
 Broker up, topics created, the synthetic world producing in the background, Ray
 workers training and publishing, and (demo) every new index version scored on the
@@ -13,7 +13,7 @@ import sys
 import time
 
 from cluster.config import Config
-from cluster.evaluator import VersionWatcher, cold_quality
+from cluster.monitor import VersionWatcher, cold_quality
 from cluster.plots import maturity_curve, training_curves
 from cluster.ray_job import run_training
 from cluster.services import WorldProducer, broker_for, write_truth
@@ -89,18 +89,3 @@ def demo(cfg: Config, fresh: bool = True) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
-
-def train(cfg: Config) -> dict:
-    """Trains from the configured broker; with none configured, a local broker fed by the synthetic world."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    with broker_for(cfg) as bootstrap:
-        producer = None
-        if not cfg.kafka.bootstrap_servers:
-            producer = WorldProducer(cfg, bootstrap)
-            producer.start()
-            producer.initial_done.wait()
-        try:
-            return run_training(cfg, bootstrap)
-        finally:
-            if producer:
-                producer.stop()

@@ -22,7 +22,7 @@ import numpy as np
 from embeddings.mapping import MAPPING_FILE, EarlyStageMapper
 from streaming.shards import ItemContent, read_shard
 from trainer import baselines
-from trainer.evaluation import pooled_auc, score_metrics
+from trainer.metrics import pooled_auc, score_metrics
 
 COUNT_BINS = [(0, 0), (1, 2), (3, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 10**9)]
 

@@ -1,5 +1,7 @@
 """The generic input format: broken rows reported with line numbers and skipped,
 missing modalities kept, replay order and the evaluation split."""
+import json
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,7 @@ def test_replay_announces_first_and_holds_out_what_the_split_says(small, tmp_pat
 
 def test_export_split_writes_the_rows_candidates_and_masks_eval_scores_on(tmp_path):
     """`launch.py eval --export-split`: an outside model gets exactly the protocol's split."""
-    from cluster.evaluate import export_split, protocol
+    from cluster.offline import export_split, protocol
 
     rng = np.random.default_rng(0)
     lines = ["user_id,item_id,timestamp,rating"] + [f"u{u},i{i},{k},{rng.integers(1, 6)}"
@@ -107,3 +109,30 @@ def test_export_split_writes_the_rows_candidates_and_masks_eval_scores_on(tmp_pa
         for r, u in enumerate(d["eval_users"]):
             assert set(cands[~valid[r]].tolist()) == proto.train_seen.get(int(u), set()) & set(cands.tolist())
             assert set(cands[positive[r]].tolist()) == proto.test_pos[int(u)] & set(cands.tolist())
+
+
+def test_score_ranks_an_outside_models_matrices_on_the_exported_split(tmp_path, capsys):
+    """`launch.py score`: the truth as scores gives perfect recall, its negation less, and a
+    matrix of the wrong shape stops with a message naming the set (exit 2)."""
+    from cluster.offline import export_split
+    from launch import main
+
+    rng = np.random.default_rng(0)
+    lines = ["user_id,item_id,timestamp,rating"] + [f"u{u},i{i},{k},{rng.integers(1, 6)}"
+                                                    for k, (u, i) in enumerate(rng.integers(0, [30, 60], (600, 2)))]
+    (tmp_path / "inter.csv").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(tmp_path / "inter.csv")
+    d = np.load(export_split(ds, split_dataset(ds, 0.2, 1), 4.0, tmp_path / "split"))
+    truth = {s: np.unpackbits(d[f"{s}_positive"], axis=1, count=len(d[f"{s}_items"])).astype(np.float32) for s in ("cold", "warm", "all")}
+    np.savez(tmp_path / "oracle.npz", **truth)
+    np.savez(tmp_path / "inverse.npz", **{s: -m for s, m in truth.items()})
+    assert main(["score", "--split", str(tmp_path / "split"), "--scores", str(tmp_path / "oracle.npz")]) == 0
+    oracle = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["score", "--split", str(tmp_path / "split"), "--scores", str(tmp_path / "inverse.npz")]) == 0
+    inverse = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for s in ("cold", "warm", "all"):
+        assert oracle[s]["recall@20"] == oracle[s]["auc"] == 1.0
+        assert inverse[s]["ndcg@20"] < 1.0 and inverse[s]["auc"] == 0.0
+    np.savez(tmp_path / "bad.npz", cold=truth["cold"][:, 1:])
+    assert main(["score", "--split", str(tmp_path / "split"), "--scores", str(tmp_path / "bad.npz")]) == 2
+    assert "'cold' has shape" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from embeddings.maturity import StabilityCurve, count_bin
 from streaming.schema import EVENT_TYPES
 from trainer.batch import signal_labels
-from trainer.evaluation import pooled_auc
+from trainer.metrics import pooled_auc
 from trainer.memer import Memer, stage, wasserstein_diag
 
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.evaluation import exact_scores, ranking_metrics, score_metrics
+from trainer.metrics import exact_scores, ranking_metrics, score_metrics
 
 
 def test_hand_computed_ranking():
@@ -29,7 +29,7 @@ def test_users_without_positives_are_not_averaged():
 def test_score_metrics_match_hand_computation():
     import numpy as np
 
-    from trainer.evaluation import score_metrics
+    from trainer.metrics import score_metrics
 
     cands = np.array([10, 11, 12, 13])
     scores = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])

@@ -1,6 +1,6 @@
 """The baselines the papers compare against, scored on the same users and candidates.
 
-Each returns a [users, candidates] score matrix that `evaluation.score_metrics` ranks:
+Each returns a [users, candidates] score matrix that `metrics.score_metrics` ranks:
 random; popularity (training positives per item); content k-NN (a user's profile is
 the mean content feature of the items they liked); MEMER's initialisations for cold
 items, the global-average and the tag-average embedding, scored with the model's own

@@ -12,7 +12,7 @@ import numpy as np
 
 from embeddings.reader import IndexReader
 from trainer import baselines
-from trainer.evaluation import score_metrics
+from trainer.metrics import score_metrics
 
 log = logging.getLogger(__name__)
 

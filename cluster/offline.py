@@ -28,7 +28,7 @@ from streaming.replay import Split, event_of, pack_items, replay, split_dataset
 from streaming.schema import POSITIVE_EVENTS
 from streaming.shards import read_shard
 from trainer import baselines
-from trainer.evaluation import exact_scores, score_metrics
+from trainer.metrics import exact_scores, score_metrics
 
 log = logging.getLogger(__name__)
 STARTUP_RESERVE_S = 75.0  # Ray start, replay, final publication and scoring, inside the budget
@@ -157,8 +157,30 @@ SPLIT_README = """# A coldstream evaluation split
 | <set>_valid | [{users}, ceil(n/8)] | np.packbits of the candidates each user is ranked over: all but their training items |
 
 Score every valid candidate, rank per user (break ties at random), and average Recall / NDCG at 10 and
-20 over users with a positive among their valid candidates: that is `trainer/evaluation.py:score_metrics`.
+20 over users with a positive among their valid candidates: that is `trainer/metrics.py:score_metrics`.
 """
+
+
+def score_external(split_dir: Path, scores_file: Path) -> dict:
+    """`launch.py score`: an outside model's score matrices (`cold`, `warm`, `all` in an npz, each
+    [eval_users, that set's candidates]) ranked with the project's metrics on an exported split;
+    the same JSON fields as `launch.py eval` gives its own model."""
+    split, scores = np.load(Path(split_dir) / "split.npz"), np.load(scores_file)
+    users = split["eval_users"].tolist()
+    result: dict = {}
+    for name in ("cold", "warm", "all"):
+        if name not in scores.files:
+            continue
+        cands = split[f"{name}_items"]
+        shape = (len(users), len(cands))
+        if scores[name].shape != shape:
+            raise ValueError(f"{scores_file}: '{name}' has shape {scores[name].shape}, the split's {name} set needs {shape} "
+                             f"(eval_users x {name}_items)")
+        positive, valid = (np.unpackbits(split[f"{name}_{m}"], axis=1, count=len(cands)).astype(bool) for m in ("positive", "valid"))
+        result[name] = {k: round(v, 5) for k, v in score_metrics(scores[name].astype(np.float64), positive, valid, users, cands).items()}
+    if not result:
+        raise ValueError(f"{scores_file}: no 'cold', 'warm' or 'all' matrix in it")
+    return result
 
 
 def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float, shard_dir: Path, seed: int) -> dict:
