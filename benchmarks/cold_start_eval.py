@@ -45,6 +45,11 @@ def main() -> None:
                 out["baselines"].setdefault(b, {})[s] = mean(lambda r: r["baselines"][b][s]["recall@20"])
         best = max((b for b in out["baselines"] if s in out["baselines"][b]), key=lambda b: out["baselines"][b][s])
         out["margin_over_best_baseline"][s] = {"best_baseline": best, "recall@20": round(out["model"][s]["recall@20"] - out["baselines"][best][s], 4)}
+    withheld = [r["cold_images_withheld"] for r in runs if r.get("cold_images_withheld")]
+    if withheld:  # CIERec's report: the cold items embedded by the published mapping with and without their images
+        out["cold_images_withheld"] = {k: mean(lambda r: r["cold_images_withheld"][k]["recall@20"]) for k in withheld[0]}
+    out["chosen_by_validation"] = [{"version": r["validation"]["chosen_version"], "step": r["validation"]["chosen_step"],
+                                    "of": len(r["validation"]["history"]), "last_step": r["run"]["train_steps"]} for r in runs if "validation" in r]
     early = [r["early_stage"] for r in runs if r.get("early_stage")]
     if early:  # MEMER's protocol: AUC and RelaImpr per initialisation method
         out["early_stage"] = {k: {m: round(sum(e[k][m] for e in early) / len(early), 4) for m in early[0][k]} for k in ("auc", "relaimpr")}

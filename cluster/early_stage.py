@@ -48,21 +48,21 @@ class MappedVersion:
         content: dict[int, ItemContent] = {}
         if mapper is not None:
             for url in sorted({p.resolve().as_uri() for p in shard_dir.glob("*.tar")}):
-                content.update(read_shard(url, mapper.cfg.frames, mapper.cfg.frame_size))
+                content.update(read_shard(url, mapper.cfg.frames * mapper.cfg.clips, mapper.cfg.frame_size))
         with np.load(version_dir / "early.npz") as e:
             early = dict(e)
         return cls(manifest.get("maturity", {}).get("threshold", 5), early, mapper, content)
 
-    def remap(self, items: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray | None:
+    def remap(self, items: np.ndarray, counts: np.ndarray | None = None, withhold_images: bool = False) -> np.ndarray | None:
         """The mapping's embedding of each item from its shard content, at the given interaction
-        counts (0: as if new); None when the version has no mapping."""
+        counts (0: as if new), optionally as if it had no image; None when the version has no mapping."""
         if self.mapper is None:
             return None
         cfg = self.mapper.cfg
-        blank = np.zeros((cfg.frames, cfg.frame_size, cfg.frame_size, 3), np.uint8)
+        blank = np.zeros((cfg.frames * cfg.clips, cfg.frame_size, cfg.frame_size, 3), np.uint8)
         got = [self.content.get(i) for i in items.tolist()]
-        frames = np.stack([c.frames if c else blank for c in got]) if got else blank[:0]
-        has = np.array([float(c.has_frames) if c else 0.0 for c in got])
+        frames = np.stack([c.frames if c and not withhold_images else blank for c in got]) if got else blank[:0]
+        has = np.array([float(c.has_frames and not withhold_images) if c else 0.0 for c in got])
         texts = [c.text if c else "" for c in got]
         counts = np.zeros(len(items)) if counts is None else counts
         return np.concatenate([self.mapper.embed_content(frames[s:s + 256], has[s:s + 256], texts[s:s + 256], counts[s:s + 256])

@@ -46,7 +46,8 @@ def cold_quality(reader: IndexReader, truth: dict[int, list[int]], cold_items: s
 
 
 class VersionWatcher(threading.Thread):
-    """Polls for new index versions, hot-swaps the reader, and scores each one."""
+    """Polls for new index versions, hot-swaps the reader, and scores each one (`score()` returns a
+    dict with the version, or None; a `summary` string in it is what the log line says)."""
 
     def __init__(self, reader: IndexReader, score, interval_s: float = 1.0):
         super().__init__(daemon=True, name="index-watcher")
@@ -66,11 +67,12 @@ class VersionWatcher(threading.Thread):
                 if q:
                     q["t"] = time.time()
                     self.history.append(q)
-                    log.info("index v%d: cold recall@20 %.3f (popularity %.3f, random %.3f) over %d cold items",
-                             q["version"], q["model"]["recall@20"], q["popularity"]["recall@20"], q["random"]["recall@20"], q["cold_items"])
+                    log.info("index v%d: %s", q["version"], q.get("summary") or
+                             "cold recall@20 %.3f (popularity %.3f, random %.3f) over %d cold items" % (
+                                 q["model"]["recall@20"], q["popularity"]["recall@20"], q["random"]["recall@20"], q["cold_items"]))
         except Exception:  # the watcher must never take the run down
             log.exception("evaluating a new index version failed")
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float | None = 10.0) -> None:
         self._halt.set()
-        self.join(10)
+        self.join(timeout_s)

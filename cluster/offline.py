@@ -18,13 +18,14 @@ import numpy as np
 from cluster.config import Config, ConfigError
 from cluster import plots
 from cluster.early_stage import MappedVersion, early_stage, transition
+from cluster.monitor import VersionWatcher
 from cluster.ray_job import run_training
 from cluster.services import broker_for
 from embeddings.clusters import TEXT_DIM, frame_descriptor, text_descriptor
-from embeddings.reader import IndexReader
+from embeddings.reader import IndexReader, LoadedVersion
 from streaming.datasets import Dataset, load_dataset
 from streaming.producer import EventProducer
-from streaming.replay import Split, event_of, pack_items, replay, split_dataset
+from streaming.replay import Split, Validation, event_of, pack_items, replay, split_dataset, validation_split
 from streaming.schema import POSITIVE_EVENTS
 from streaming.shards import read_shard
 from trainer import baselines
@@ -41,6 +42,9 @@ def size_for(cfg: Config, ds: Dataset, minutes: float) -> Config:
     most_frames = max((len(ds.images(k)) for k in ds.item_ids), default=0)
     cfg.model.frames = max(1, min(cfg.model.frames, most_frames))
     cfg.train.duration_s = max(20.0, minutes * 60 - STARTUP_RESERVE_S)
+    # every version whole and kept: the one validation picks is scored, with its early-stage variants
+    cfg.publish.rebase_every = 1
+    cfg.publish.keep_versions = 10_000
     return cfg
 
 
@@ -69,23 +73,53 @@ def evaluate_dataset(cfg: Config, interactions: Path, items: Path | None, images
     run_dir.mkdir(parents=True)
     log.info("dataset: %d rows (%d skipped), %d users, %d items; %d cold items, %d train rows, %d warm test rows",
              len(ds.rows), len(ds.problems), len(ds.user_ids), len(ds.item_ids), len(split.cold_items), len(split.train), len(split.test))
+    val = validation_split(ds, split.train, seed)
+    val_proto = validation_protocol(ds, val, threshold)
     urls = pack_items(ds, run_dir / "shards")
+    reader = IndexReader(run_dir / "index")
+    versions: dict[int, LoadedVersion] = {}
+
+    def validate() -> dict | None:
+        """Scores a new version on the validation slice; keeps it while it is the best so far."""
+        m = {name: score_metrics(*_matrices(reader, val_proto, name)) for name in ("cold", "warm")}
+        score = (m["cold"]["recall@20"] + m["warm"]["recall@20"]) / 2
+        cur = reader.current
+        if not versions or score > max(q["score"] for q in watcher.history):
+            versions.clear()
+            versions[cur.version] = cur
+        return {"version": cur.version, "step": cur.manifest.get("step"), "score": score, "cold": m["cold"]["recall@20"],
+                "warm": m["warm"]["recall@20"], "summary": f"validation recall@20 cold {m['cold']['recall@20']:.4f} "
+                f"warm {m['warm']['recall@20']:.4f} (step {cur.manifest.get('step')})"}
+
+    watcher = VersionWatcher(reader, validate)
     with broker_for(cfg) as bootstrap:
         producer = EventProducer(cfg.kafka, bootstrap)
 
         def produce() -> None:
-            for line in replay(ds, urls, producer.sink(), split.train, threshold=threshold):
+            for line in replay(ds, urls, producer.sink(), val.train, threshold=threshold):
                 log.info("replay: %s", line)
             producer.close()
 
         thread = threading.Thread(target=produce, daemon=True, name="replay")
         thread.start()
-        final = run_training(cfg, bootstrap)
+        watcher.start()
+        try:
+            final = run_training(cfg, bootstrap)
+        finally:
+            watcher.stop(timeout_s=None)  # a validation pass in flight finishes before the last poll
         thread.join()
-    reader = IndexReader(run_dir / "index")
-    if not reader.refresh():
+    watcher.poll()  # the last version, if the watcher had not seen it
+    if not versions:
         raise RuntimeError(f"no index was published under {run_dir / 'index'}")
+    best = max(watcher.history, key=lambda q: q["score"])
+    reader.pin(versions[best["version"]])
+    log.info("evaluating index v%d (step %s), the best of %d by validation recall@20 (cold %.4f, warm %.4f)",
+             best["version"], best["step"], len(watcher.history), best["cold"], best["warm"])
     result = score_split(reader, ds, split, threshold, run_dir / "shards", seed)
+    result["validation"] = {"chosen_version": best["version"], "chosen_step": best["step"], "pseudo_cold_items": len(val.cold_items),
+                            "held_rows": int(len(val.warm_rows) + len(val.cold_rows)),
+                            "history": [{k: q[k] for k in ("version", "step", "cold", "warm", "score")} for q in watcher.history]}
+    plots.validation_curve(result["validation"], run_dir / "validation.png")
     result["run"] = {"train_steps": final.get("train_steps"), "events_consumed": final.get("events_consumed"),
                      "rows_skipped": len(ds.problems), "cold_items": len(split.cold_items), "train_rows": int(len(split.train)),
                      "warm_test_rows": int(len(split.test)), "minutes": minutes, "seed": seed, "wall_s": round(time.time() - started, 1)}
@@ -110,6 +144,31 @@ def protocol(ds: Dataset, split: Split, threshold: float) -> Protocol:
     return Protocol({"cold": cold_ids, "warm": warm_ids, "all": np.concatenate([warm_ids, cold_ids])},
                     _items_by_user(ds, split.train), _items_by_user(ds, np.concatenate([split.test, cold_rows]), threshold),
                     _items_by_user(ds, split.train, threshold))
+
+
+def validation_protocol(ds: Dataset, val: Validation, threshold: float) -> Protocol:
+    """The validation slice as a protocol: pseudo-cold items against each other, held rows against
+    the items trained on; only training rows are read."""
+    cold_ids = np.array(sorted(ds.item_ids[k] for k in val.cold_items), np.int64)
+    warm_ids = np.array(sorted({ds.item_ids[ds.rows[i].item] for i in val.train}), np.int64)
+    return Protocol({"cold": cold_ids, "warm": warm_ids}, _items_by_user(ds, val.train),
+                    _items_by_user(ds, np.concatenate([val.warm_rows, val.cold_rows]), threshold), _items_by_user(ds, val.train, threshold))
+
+
+def _matrices(reader: IndexReader, proto: Protocol, name: str) -> tuple:
+    """The model's (scores, positive, valid, users, candidates) for one candidate set, over the users
+    with a positive there (a user the version does not know ranks nothing: scored as zero)."""
+    cands = proto.candidates[name]
+    members = set(cands.tolist())
+    wanted = sorted(u for u, items in proto.test_pos.items() if items & members)
+    vecs, users = reader.user_vectors(wanted)
+    missing = sorted(set(wanted) - set(users))
+    scores = reader.score_matrix(vecs, cands) if users else np.zeros((0, len(cands)), np.float32)
+    scores = np.concatenate([scores, np.zeros((len(missing), len(cands)), np.float32)])
+    users = users + missing
+    positive = np.array([[int(i) in proto.test_pos.get(u, ()) for i in cands] for u in users]).reshape(len(users), len(cands))
+    valid = np.array([[int(i) not in proto.train_seen.get(u, ()) for i in cands] for u in users]).reshape(len(users), len(cands))
+    return scores, positive, valid, users, cands
 
 
 def export_split(ds: Dataset, split: Split, threshold: float, out: Path) -> Path:
@@ -148,7 +207,7 @@ SPLIT_README = """# A coldstream evaluation split
 
 | field | shape | meaning |
 |---|---|---|
-| train_user, train_item, train_ts, train_event | [{rows}] | the training rows, in time order, exactly as replayed into Kafka; event is like/skip (rating >= {threshold} or below), or the file's own event |
+| train_user, train_item, train_ts, train_event | [{rows}] | the training rows, in time order; event is like/skip (rating >= {threshold} or below), or the file's own event. coldstream replays these minus its validation slice (5% of items, 5% of each user's rows: `streaming/replay.py:validation_split`); the baselines train on all of them |
 | user_raw, item_raw | [{users_all}], [{items}] | raw ids |
 | eval_users | [{users}] | the users scored: those with a test positive (row r of every mask below is eval_users[r]) |
 | test_user, test_item | pairs | the test positives: warm test rows at or above the threshold, and every positive on a cold item |
@@ -257,6 +316,14 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
     known = {u: vectors[u] for u in users if u not in users_missing}
     everything = _items_by_user(ds, np.concatenate([split.train, split.test]))
     published = MappedVersion.load(version_dir, shard_dir)
+    if published.mapper is not None:  # CIERec's report: the cold items embedded with and without their images
+        cold_rows = [r for r, u in enumerate(users) if test_pos.get(u, set()) & set(cold_ids.tolist())]
+        positive = np.array([[int(i) in test_pos.get(users[r], ()) for i in cold_ids] for r in cold_rows])
+        valid = np.array([[int(i) not in train_seen.get(users[r], ()) for i in cold_ids] for r in cold_rows])
+        result["cold_images_withheld"] = {
+            name: {k: round(v, 5) for k, v in score_metrics(exact_scores(user_vecs[cold_rows], published.remap(cold_ids, withhold_images=hide)),
+                                                              positive, valid, [users[r] for r in cold_rows], cold_ids).items()}
+            for name, hide in (("with_images", False), ("images_withheld", True))}
     result["early_stage"] = early_stage(published, known, _items_by_user(ds, split.test, threshold), everything, tags, seed)
     counts: dict[int, int] = {}
     for idx in split.train:

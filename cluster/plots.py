@@ -68,3 +68,19 @@ def transition(result: dict, out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def validation_curve(validation: dict, out: Path) -> Path:
+    """Validation recall@20 per published version (the learning curve), with the version evaluated marked."""
+    h = validation["history"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [q["step"] for q in h]
+    for key, style in (("cold", "o-"), ("warm", "s-"), ("score", "k--")):
+        ax.plot(steps, [q[key] for q in h], style, label="mean (selection)" if key == "score" else f"{key} (pseudo-cold items)" if key == "cold" else "warm (held rows)")
+    ax.axvline(validation["chosen_step"], color="grey", lw=1)
+    ax.set(title=f"validation recall@20 per version (v{validation['chosen_version']} evaluated)", xlabel="step", ylabel="recall@20")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from cluster.config import Config
 from cluster.devices import control_group, deepspeed_config, precision, want_gpu
 from cluster.pipeline import Prefetcher, StepClock
-from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
+from embeddings.clusters import ClusterModel, clusters_for, frame_descriptor, text_descriptor
 from embeddings.mapping import MAPPING_FILE, save_mapping
 from embeddings.layered import changed_rows
 from embeddings.maturity import StabilityCurve
@@ -39,9 +39,10 @@ from streaming.schema import EVENT_TYPES, INT_ID_LIMIT, id_key
 from streaming.shards import ShardCache
 from trainer.batch import ContentStore, make_batch, spread
 from trainer.counts import KeyedCounts
+from trainer.history import Histories
 from trainer.memer import stage
 from trainer.model import DenseArch
-from trainer.step import TrainStep, cluster_rows, export_vectors, gather_rows
+from trainer.step import TrainStep, cluster_rows, export_vectors, gather_rows, lr_factor, set_learning_rates
 
 log = logging.getLogger("coldstream.worker")
 DS_TAG = "dense"
@@ -134,7 +135,7 @@ class Worker:
                 config=deepspeed_config(o.batch_size, self.world, o.zero_stage, o.gradient_clipping, self.precision == "bf16"),
             )
         log.debug("deepspeed.initialize printed: %s", printed.getvalue().strip())
-        self.step_fn = TrainStep(self.sparse, self.engine, m.temperature, self.device)
+        self.step_fn = TrainStep(self.sparse, self.engine, m.temperature, self.device, m.loss)
 
         self.step = 0
         # Users and items are int64 keys (streaming.schema.id_key) from here on; a string id's raw
@@ -146,6 +147,7 @@ class Worker:
         self.names: dict[int, str] = {}  # rank 0: every string id published; others: what they saw
         self.new_names: dict[int, str] = {}  # seen since the last publication: what travels to rank 0
         self.clusters: tuple[ClusterModel, ClusterModel] | None = None
+        self.clustered_on = 0  # catalogue size at the last k-means fit
         # Positives travel as (user, item, partition, offset, event code): the source position says up
         # to where every event is trained (`trained_positions`), and who owns the pair after an
         # elastic resume; the event says which MEMER signals it teaches.
@@ -154,8 +156,9 @@ class Worker:
         self.inflight: dict[int, np.ndarray] = {}  # fresh rows of batches built but not yet trained, by batch seq
         self.built = 0
         self.replay = ReplayWindow(o.replay_window)
+        self.histories = Histories(m.history_length, m.user_rows)  # the users of this worker's partitions
         self.parts = owned_partitions(cfg.kafka.interaction_partitions, self.rank, self.world)
-        self.shards = ShardCache(m.frames, m.frame_size)
+        self.shards = ShardCache(m.frames * m.clips, m.frame_size)
         self.store = ContentStore(m, self.device)
         # MEMER: M from the stability curve; items at or past it (by the counts of the last
         # publication) teach the mapping.
@@ -201,10 +204,10 @@ class Worker:
     # ---- input -----------------------------------------------------------------------------
     def _add_content(self, content) -> None:
         frame_km, text_km = self.clusters
-        fc = int(frame_km.assign(frame_descriptor(content.frames)[None])[0])
-        tc = int(text_km.assign(text_descriptor(content.text)[None])[0])
+        fd, td = frame_descriptor(content.frames), text_descriptor(content.text)
+        fc, tc = int(frame_km.assign(fd[None])[0]), int(text_km.assign(td[None])[0])
         key = id_key(content.item_id)
-        self.store.add(key, content.frames, content.has_frames, content.text, fc, tc)
+        self.store.add(key, content.frames, content.has_frames, content.text, fc, tc, (fd, td))
         for user, part, offset, event in self.waiting.pop(key, []):
             self.fresh.append((user, key, part, offset, event))
 
@@ -253,14 +256,43 @@ class Worker:
         if self.rank == 0:
             if not self.unclustered:
                 raise RuntimeError("no item content arrived within 120 s; is the items topic empty?")
-            k = self.cfg.model.n_clusters
+            k = clusters_for(len(self.unclustered), self.cfg.model.n_clusters)
             box = [(ClusterModel.fit(np.stack([frame_descriptor(c.frames) for c in self.unclustered]), k).centroids,
-                    ClusterModel.fit(np.stack([text_descriptor(c.text) for c in self.unclustered]), k).centroids)]
+                    ClusterModel.fit(np.stack([text_descriptor(c.text) for c in self.unclustered]), k).centroids,
+                    len(self.unclustered))]
         dist.broadcast_object_list(box, src=0, group=self.control)
         self.clusters = (ClusterModel(box[0][0]), ClusterModel(box[0][1]))
         for content in self.unclustered:
             self._add_content(content)
+        self.clustered_on = box[0][2]  # rank 0's count: every rank must decide alike when to refit
         self.unclustered = []
+
+    def _refit_clusters(self, catalogue: int) -> bool:
+        """Refits both modalities' clusters on the whole catalogue once it (`catalogue`: the items every
+        rank holds, so all ranks decide alike) has doubled since the last fit: rank 0 fits, every rank
+        gets the same centroids and re-assigns its items; a collective. True when the assignments
+        moved, so every item's content vector must be exported again."""
+        if catalogue < 2 * max(self.clustered_on, 1):
+            return False
+        n = len(self.store)
+        box = [None]
+        if self.rank == 0 and self.store.described:
+            k = clusters_for(n, self.cfg.model.n_clusters)
+            frame_desc, text_desc = self.store.descriptors()
+            box = [(self.clusters[0].refit(frame_desc, k).centroids, self.clusters[1].refit(text_desc, k).centroids)]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        if box[0] is None:  # restored from a checkpoint without descriptors: the clusters stay as they are
+            log.warning("cluster IDs not refit: the restored content store has no descriptors (an older checkpoint)")
+            self.clustered_on = catalogue
+            return False
+        self.clusters = (ClusterModel(box[0][0]), ClusterModel(box[0][1]))
+        frame_desc, text_desc = self.store.descriptors()
+        self.store.frame_cluster[:n] = self.clusters[0].assign(frame_desc)
+        self.store.text_cluster[:n] = self.clusters[1].assign(text_desc)
+        log.info("refit cluster IDs on %d items (was %d): k = %d frame, %d text", catalogue, self.clustered_on,
+                 len(self.clusters[0].centroids), len(self.clusters[1].centroids))
+        self.clustered_on = catalogue
+        return True
 
     def _catch_up_items(self, timeout_s: float = 120.0) -> None:
         """After a restore, re-read announcements until every buffered pair's item has content
@@ -293,8 +325,10 @@ class Worker:
         self.item_positives.add(fresh[:, 1])
         pairs = fresh if len(fresh) == b else np.concatenate([fresh, self.replay.sample(self.rng, b - len(fresh))])
         self.item_updates.add(pairs[:, 1])
-        batch = make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - self.cfg.model.id_dropout, self.rng,
-                           self.item_positives, self.user_positives, pairs[:, 2], self.cfg.model.memer_signals, self._mature)
+        m = self.cfg.model
+        history = self.histories.get(pairs[:, 0]) if m.user_tower == "attention" else None
+        batch = make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - m.id_dropout, self.rng, self.item_positives,
+                           self.user_positives, pairs[:, 2], m.memer_signals, self._mature, history, self.world)
         self.built += 1
         batch.seq = self.built
         self.inflight[batch.seq] = rows
@@ -313,6 +347,9 @@ class Worker:
         return np.concatenate(parts)
 
     def _trained(self, rows: np.ndarray) -> None:
+        # a positive joins its user's history once trained: a checkpoint saves the untrained ones as
+        # fresh, so a restore that trains them again adds them once
+        self.histories.add(rows[:, 0], rows[:, 1], rows[:, 2])
         self.positives_trained += len(rows)
         for part, floor in self.rollback_floor.items():
             self.trained_twice += int(((rows[:, 2] == part) & (rows[:, 3] < floor)).sum())
@@ -387,12 +424,14 @@ class Worker:
         items, users = self._catalogue()
         if len(items) == 0 or len(users) == 0:  # the same on every rank: nothing to serve yet
             return {}
-        counts = torch.from_numpy(np.stack([self.counts.get(items), self.item_updates.get(items)]).astype(np.float64))
+        counts = torch.from_numpy(np.stack([self.counts.get(items), self.item_updates.get(items), self.item_positives.get(items)]
+                                           ).astype(np.float64))
         dist.all_reduce(counts, group=self.control)
-        counts, updates = counts.numpy().astype(np.int64)
+        counts, updates, positives = counts.numpy().astype(np.int64)
         has_row = holds_row(self.sparse, "item_ids", spread(items), group=self.control)
         evicted = int(self._sum([sum(evictions(self.sparse).values())])[0]) + self.evictions_before
-        new_encoder = final or self.encoder is None or self.since_encoder + 1 >= self.cfg.publish.rebase_every
+        refit = self._refit_clusters(len(items))  # a catalogue twice the size it was clustered on: new centroids, stable ids
+        new_encoder = refit or final or self.encoder is None or self.since_encoder + 1 >= self.cfg.publish.rebase_every
         if new_encoder:  # the dense model and the cluster embeddings (its inputs, trained in the tables) together
             self.encoder = copy.deepcopy(self.engine.module).eval()
             self.encoder_clusters = cluster_rows(self.sparse, len(self.clusters[0].centroids), len(self.clusters[1].centroids),
@@ -410,15 +449,18 @@ class Worker:
         ids, n, rowed = items[todo], counts[todo], has_row[todo]
         variants, user_vecs = export_vectors(self.sparse, self.encoder, self.store, ids, users,
                                              stage(torch.from_numpy(n), self.maturity).numpy(), self.device, group=self.control,
-                                             clusters=self.encoder_clusters)
+                                             clusters=self.encoder_clusters, positives=np.maximum(positives[todo], 1),
+                                             histories=self.histories)  # training counts include the example's own positive
         # every rank: the same vectors, the same M; an item without a row has no ID embedding to measure
         self.curve.update(ids[rowed], n[rowed], updates[todo][rowed], variants["full"][rowed])
         measured = self.curve.threshold()
         self.maturity = measured or self.maturity
         self.mature_keys = items[counts >= self.maturity]
-        # an item that lost its row (or never held one) is served from its content, as a young one is
+        # an item that lost its row (or never held one) is served from its content, as a young one is; with the
+        # popularity gate, every item with a row is served by its gated vector (the gate, not M, sets the mix)
         early = f"early_{m.memer_signals[0]}" if m.memer_signals else "content"
-        item_vecs = np.where(((n >= self.maturity) & rowed)[:, None], variants["full"], variants[early])
+        full = rowed if m.popularity_gate else (n >= self.maturity) & rowed
+        item_vecs = np.where(full[:, None], variants["full"], variants[early])
         event_lat, item_lat = self._freshness(trained, time.time())
         replay = self.replay.ordered()
         seen_users, seen_items = gather_rows(torch.from_numpy(replay[:, 0].copy()), torch.from_numpy(replay[:, 1:2].copy()), self.control)
@@ -487,6 +529,7 @@ class Worker:
                 ("events", self.counts), ("item_positives", item_pos), ("user_positives", user_pos)) for part in ("keys", "values")})
             np.savez(d / f"buffers-rank{self.rank}.npz", replay=replay[: max(len(replay) - len(built), 0)],
                      fresh=untrained, waiting=self._waiting_rows())
+            np.savez(d / f"histories-rank{self.rank}.npz", **self.histories.state())
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
                 "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step, "world": self.world,
                 "maturity": self.maturity, "names": {str(k): v for k, v in self.names.items()},
@@ -494,7 +537,7 @@ class Worker:
                 "stats": {"consumed": self.stream.stats.consumed, "malformed": self.stream.stats.malformed},
                 "trained": self.positives_trained}))
             if self.rank == 0:  # every rank reads every announcement: rank 0's view stands for all
-                np.savez(d / "clusters.npz", frame=self.clusters[0].centroids, text=self.clusters[1].centroids)
+                np.savez(d / "clusters.npz", frame=self.clusters[0].centroids, text=self.clusters[1].centroids, fitted_on=self.clustered_on)
                 np.savez(d / "content.npz", **self.store.state(), skipped=np.array(sorted(self.shards.skipped), np.int64))
                 (d / "items.json").write_text(json.dumps({"offsets": self.feed.positions(), "cluster_id": self.stream.watch.cluster_id,
                                                           "skipped": self.shards.skipped}))
@@ -527,6 +570,8 @@ class Worker:
             self.evictions_before += st.get("evictions", 0) if self.rank == 0 else 0
             restored.offsets.update({int(p): int(off) for p, off in st["offsets"].items() if int(p) in self.parts})
             buffers = np.load(d / f"buffers-rank{o}.npz")
+            if (d / f"histories-rank{o}.npz").exists():  # histories follow their users' partitions
+                self.histories.load(dict(np.load(d / f"histories-rank{o}.npz")), self.parts)
             for name, target in (("fresh", self.fresh), ("waiting", None)):
                 rows = buffers[name]
                 for u, i, p, off, e in rows[np.isin(rows[:, 2], self.parts)].tolist():
@@ -552,6 +597,7 @@ class Worker:
         self.maturity = streams[0].get("maturity", self.maturity)
         c = np.load(d / "clusters.npz")
         self.clusters = (ClusterModel(c["frame"]), ClusterModel(c["text"]))
+        self.clustered_on = int(c["fitted_on"]) if "fitted_on" in c.files else len(c["frame"])
         content = np.load(d / "content.npz")
         self.store.load_state({k: content[k] for k in content.files if k != "skipped"})
         items = json.loads((d / "items.json").read_text())
@@ -582,6 +628,15 @@ class Worker:
                                 "step_examples_per_s": step_rate, "broker_data_loss_incidents": lost,
                                 "broker_outages": outages, "broker_down_s": down}) + "\n")
 
+    def _schedule(self, elapsed_s: float) -> None:
+        """Sets both learning rates for the run's progress: the share of its time budget or of max_steps
+        spent, whichever is further (every rank computes it from the same agreed step)."""
+        t, o = self.cfg.train, self.cfg.optim
+        progress = self.step / t.max_steps if t.max_steps else 0.0
+        progress = max(progress, elapsed_s / t.duration_s) if t.duration_s else progress
+        f = lr_factor(progress, o.warmup_fraction, o.lr_floor)
+        set_learning_rates(self.engine, self.sparse, o.dense_lr * f, o.sparse_lr * f)
+
     def run(self) -> None:
         """Agree, step, publish, checkpoint; input arrives from the Prefetcher's thread.
 
@@ -608,10 +663,13 @@ class Worker:
                 stop = lead and (now - start > t.duration_s or (t.max_steps is not None and self.step >= t.max_steps))
                 pub = lead and self.step > last_pub_step and (now - last_pub > t.publish_every_s or self.step - last_pub_step >= t.publish_every_steps)
                 ckpt = lead and now - last_ckpt > t.checkpoint_every_s
-                not_ready, stop, pub, ckpt = self._sum([float(batch is None), stop, pub, ckpt])
+                # rank 0's clock for all: the learning rate must be the same on every rank
+                not_ready, stop, pub, ckpt, elapsed = self._sum([float(batch is None), stop, pub, ckpt, (now - start) * lead])
                 if stop:
                     break
                 if not not_ready:
+                    if self.cfg.optim.lr_schedule == "cosine":
+                        self._schedule(elapsed)
                     clock.start()
                     self.losses.append(self.step_fn(batch))
                     clock.stop()

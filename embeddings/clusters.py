@@ -1,12 +1,16 @@
 """Per-modality k-means cluster IDs (M3CSR): a trainable ID for 'content like this'.
 
 Clusters are fitted with FAISS k-means on cheap, fixed content descriptors (a
-downsampled colour layout of the frames; a hashed bag of words of the text) and
-then stay fixed, so a new item gets a cluster ID, and with it a trained
-embedding, the moment it is announced.
+downsampled colour layout of the frames; a hashed bag of words of the text: the
+non-trainable features M3CSR clusters), over the whole catalogue known at the time. A
+new item gets its nearest centroid, and with it a trained embedding, the moment it is
+announced. As the catalogue grows the centroids are refit (`ClusterModel.refit`), with
+k = sqrt(items) up to the table's size, and each new centroid takes the id of the old one
+it matches, so the trained cluster embeddings keep meaning what they meant.
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import faiss
@@ -50,6 +54,28 @@ class ClusterModel:
         km.train(x)
         return cls(km.centroids)
 
+    def refit(self, descriptors: np.ndarray, k: int, seed: int = 0) -> "ClusterModel":
+        """Centroids fitted anew on `descriptors` (k never below the current count), numbered so that
+        the old ids go to the new centroids matched to them at the least total squared distance
+        (Hungarian matching); the centroids beyond the old count take the next ids."""
+        from scipy.optimize import linear_sum_assignment
+
+        old = self.centroids
+        fresh = ClusterModel.fit(descriptors, max(k, len(old)), seed).centroids
+        if len(fresh) < len(old):  # fewer distinct descriptors than clusters: keep what there is
+            return self
+        cost = ((fresh[:, None, :] - old[None, :, :]) ** 2).sum(-1)
+        new_rows, old_ids = linear_sum_assignment(cost)
+        order = np.empty(len(fresh), np.int64)
+        order[old_ids] = new_rows
+        order[len(old):] = np.setdiff1d(np.arange(len(fresh)), new_rows)
+        return ClusterModel(fresh[order])
+
     def assign(self, descriptors: np.ndarray) -> np.ndarray:
         _, idx = self._index.search(np.ascontiguousarray(descriptors, dtype=np.float32), 1)
         return idx[:, 0].astype(np.int64)
+
+
+def clusters_for(n_items: int, most: int) -> int:
+    """k for a catalogue of n items: sqrt(n) (a cluster per sqrt(n) items), at least 2, at most the table's rows."""
+    return int(min(most, max(2, round(math.sqrt(n_items)))))

@@ -24,14 +24,15 @@ from trainer.model import DenseArch
 from trainer.text import tokenize
 
 MAPPING_FILE = "mapping.pt"
-PARTS = ("frames", "text", "fuse", "memer")  # of DenseArch: the content path and the mapping
+PARTS = ("frames", "text", "cross_modal", "modal", "fuse", "memer")  # of DenseArch: the content path and the mapping (when present)
 
 
 def save_mapping(dense: nn.Module, cfg: ModelConfig, maturity: int, centroids: tuple[np.ndarray, np.ndarray],
                  cluster_rows: tuple[np.ndarray, np.ndarray], path: Path) -> dict:
     """Writes the mapping of `dense` (a DenseArch) to `path`, with the k-means centroids and cluster
     embeddings a new item's cluster IDs come from; returns what the manifest says of it."""
-    state = {name: {k: v.detach().float().cpu() for k, v in getattr(dense, name).state_dict().items()} for name in PARTS}
+    state = {name: {k: v.detach().float().cpu() for k, v in getattr(dense, name).state_dict().items()}
+             for name in PARTS if getattr(dense, name) is not None}
     clusters = {"frame_centroids": centroids[0], "text_centroids": centroids[1], "frame_rows": cluster_rows[0], "text_rows": cluster_rows[1]}
     torch.save({"config": cfg.model_dump(mode="json"), "maturity": int(maturity), "state": state,
                 "clusters": {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in clusters.items()}}, path)
@@ -80,5 +81,5 @@ class EarlyStageMapper(nn.Module):
               signal: str | None = None) -> np.ndarray:
         """One item from encoded images (any format PIL reads; none is allowed) and its text.
         Raises PIL.UnidentifiedImageError / OSError for an image that cannot be decoded."""
-        frames = decode_frames(images, self.cfg.frames, self.cfg.frame_size)
+        frames = decode_frames(images, self.cfg.frames * self.cfg.clips, self.cfg.frame_size)
         return self.embed_content(frames[None], np.array([float(bool(images))]), [item_text(title, list(tags))], np.array([count]), signal)[0]

@@ -90,6 +90,11 @@ class IndexReader:
     def current(self) -> LoadedVersion | None:
         return self._current
 
+    def pin(self, loaded: LoadedVersion) -> None:
+        """Serves a version loaded before (an evaluation keeps the one validation chose)."""
+        with self._lock:
+            self._current = loaded
+
     def refresh(self, prepare: Callable[[Path, LoadedVersion], None] | None = None) -> bool:
         """Loads the version LATEST points to if it is newer; True when it swapped. `prepare(path, loaded)`
         runs before the swap, so a request never sees the new version half ready. A version built

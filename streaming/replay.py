@@ -57,6 +57,32 @@ def split_dataset(ds: Dataset, cold_fraction: float, seed: int, test_fraction: f
     return Split(cold, np.sort(np.array(train, np.int64)), np.sort(np.array(test, np.int64)))
 
 
+@dataclass
+class Validation:
+    """A validation slice carved from the training rows only (the test rows stay untouched):
+    pseudo-cold items (all their training rows held out) and a share of each user's other rows."""
+
+    cold_items: set[str]
+    cold_rows: np.ndarray  # training rows of the pseudo-cold items
+    warm_rows: np.ndarray  # a share of each user's remaining training rows
+    train: np.ndarray  # what is left to train on
+
+
+def validation_split(ds: Dataset, train: np.ndarray, seed: int, fraction: float = 0.05) -> Validation:
+    """`fraction` of the items in `train` become pseudo-cold, and `fraction` of each user's remaining
+    rows (of users with at least 1 / fraction of them) are held out: both follow the data's size."""
+    rng = np.random.default_rng((seed, 1))
+    items = sorted({ds.rows[i].item for i in train}, key=ds.item_ids.get)
+    cold = set(rng.choice(items, size=max(1, int(round(fraction * len(items)))), replace=False).tolist()) if items else set()
+    is_cold = np.array([ds.rows[i].item in cold for i in train], bool)
+    by_user: dict[str, list[int]] = {}
+    for idx in train[~is_cold]:
+        by_user.setdefault(ds.rows[idx].user, []).append(int(idx))
+    held = [r for rows in by_user.values() for r in rng.permutation(rows)[: int(len(rows) * fraction)]]
+    warm = np.sort(np.array(held, np.int64))
+    return Validation(cold, np.sort(train[is_cold]), warm, np.setdiff1d(train[~is_cold], warm))
+
+
 def pack_items(ds: Dataset, shard_dir: str | Path, items_per_shard: int = 200) -> dict[str, str]:
     """Shards in first-appearance order; images are stored as they are (no re-encoding)."""
     urls: dict[str, str] = {}

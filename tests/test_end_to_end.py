@@ -92,7 +92,8 @@ def test_train_resumes_from_checkpoint_and_offsets_on_any_worker_count(tmp_path,
     the step carries on, and the manifests' trained offsets never go backwards."""
     prod = small_world(tmp_path, broker.bootstrap)
     common = ["train", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path), "--run-name", "r", *SMALL,
-              "--set", "train.min_items_before_training=16", "--set", "train.publish_every_steps=10"]
+              "--set", "train.min_items_before_training=16", "--set", "train.publish_every_steps=10",
+              "--set", "model.user_tower=attention"]  # user histories are resharded with their partitions too
     index = IndexReader(tmp_path / "r" / "index")
     offsets = []
     for run, (workers, steps) in enumerate([(2, 12), (1, 24), (2, 36)]):
@@ -175,9 +176,15 @@ def test_unbounded_ids_train_evict_publish_and_rank_by_raw_id(tmp_path, broker):
     assert service.similar(str(2**61 + 4), 3).items  # an integer id, written as text
 
 
+EVERY_PART = [a for s in ("model.user_tower=attention", "model.interest_intensity=true", "model.orthogonality_weight=1",
+                          "model.popularity_gate=true", "model.clcrec_weight=0.2", "model.alignment_weight=0.2",
+                          "model.infer_missing=true", "model.clips=2", "optim.lr_schedule=cosine") for a in ("--set", s)]
+
+
 @pytest.mark.skipif(not MOVIELENS.exists(), reason=f"needs the MovieLens 100K folder at {MOVIELENS}")
 def test_eval_protocol_on_a_movielens_slice(tmp_path):
-    """A slice of the real MovieLens 100K through the real path; the metric fields all there."""
+    """A slice of the real MovieLens 100K through the real path, with every cold-start part on; the
+    metric fields all there, and the version scored is the best by validation."""
     import csv
 
     from streaming.movielens import DEFAULT_DIR, to_generic
@@ -192,7 +199,7 @@ def test_eval_protocol_on_a_movielens_slice(tmp_path):
         f.write("999,1,notatime,5\n")  # a broken row, reported and skipped
     out = launch("eval", "--interactions", str(sliced), "--items", str(items), "--images", str(posters),
                  "--runs-dir", str(tmp_path), "--run-name", "ev", "--minutes", "2", "--cold-fraction", "0.15", "--seed", "3",
-                 *SMALL, timeout=400)
+                 *SMALL, *EVERY_PART, "--set", "train.publish_every_s=10", timeout=400)
     for s in ("cold", "warm", "all"):
         assert set(out[s]) >= {"recall@10", "recall@20", "ndcg@10", "ndcg@20", "precision@10", "precision@20", "auc"}
     assert set(out["baselines"]) == {"random", "popularity", "content_knn", "global_avg", "tag_avg", "als", "content_to_als"}
@@ -204,6 +211,12 @@ def test_eval_protocol_on_a_movielens_slice(tmp_path):
     assert early["auc"]["mature"] > 0.6 and early["pairs"] > 0 and abs(early["auc"]["global_avg"] - 0.5) < 1e-9
     assert set(early["relaimpr"]) == set(early["auc"]) - {"mature"}
     assert out["transition"]["bins"][0]["bin"] == "0" and (tmp_path / "ev" / "transition.png").exists()
+    val = out["validation"]
+    assert len(val["history"]) >= 2 and val["pseudo_cold_items"] > 0 and val["held_rows"] > 0
+    best = max(val["history"], key=lambda q: q["score"])
+    assert (val["chosen_version"], out["index_version"]) == (best["version"], best["version"])
+    assert (tmp_path / "ev" / "validation.png").exists()
+    assert set(out["cold_images_withheld"]) == {"with_images", "images_withheld"}
 
 
 def test_impossible_partition_setups_stop_at_start(tmp_path, broker):

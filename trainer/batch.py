@@ -52,12 +52,16 @@ class ContentStore:
     def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu", capacity: int = 256):
         self.cfg, self.device = cfg, torch.device(device)
         self.items: dict[int, int] = {}
-        self.frames = torch.zeros((capacity, cfg.frames, cfg.frame_size, cfg.frame_size, 3), dtype=torch.uint8, device=self.device)
+        self.frames = torch.zeros((capacity, cfg.frames * cfg.clips, cfg.frame_size, cfg.frame_size, 3), dtype=torch.uint8, device=self.device)
         self.tokens = torch.zeros((capacity, cfg.text_len), dtype=torch.int64, device=self.device)
         self.has_frames = torch.zeros(capacity, device=self.device)
-        # cluster ids stay on the host: they go into the KJT, which is built on the host
+        # cluster ids stay on the host: they go into the KJT, which is built on the host; so do the
+        # descriptors they are assigned from (float16), which a refit of the clusters reads again
         self.frame_cluster = np.zeros(capacity, np.int64)
         self.text_cluster = np.zeros(capacity, np.int64)
+        self.frame_desc = np.zeros((capacity, 0), np.float16)
+        self.text_desc = np.zeros((capacity, 0), np.float16)
+        self.described = True  # False after loading a checkpoint written before descriptors were kept
 
     def _grow(self, need: int) -> None:
         cap = len(self.frame_cluster)
@@ -71,12 +75,21 @@ class ContentStore:
             if old.is_cuda:  # the copy may run on a side stream: keep `old` alive until it has
                 old.record_stream(torch.cuda.current_stream(old.device))
             setattr(self, name, grown)
-        for name in ("frame_cluster", "text_cluster"):
-            setattr(self, name, np.resize(getattr(self, name), new))
+        for name in ("frame_cluster", "text_cluster", "frame_desc", "text_desc"):
+            old = getattr(self, name)
+            grown = np.zeros((new, *old.shape[1:]), old.dtype)
+            grown[:cap] = old
+            setattr(self, name, grown)
 
-    def add(self, item_id: int, frames: np.ndarray, has_frames: bool, text: str, frame_cluster: int, text_cluster: int) -> None:
+    def add(self, item_id: int, frames: np.ndarray, has_frames: bool, text: str, frame_cluster: int, text_cluster: int,
+            descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         slot = self.items.get(item_id, len(self.items))
         self._grow(slot + 1)
+        if descriptors is not None:
+            for name, d in zip(("frame_desc", "text_desc"), descriptors):
+                if getattr(self, name).shape[1] != len(d):
+                    setattr(self, name, np.zeros((len(self.frame_cluster), len(d)), np.float16))
+                getattr(self, name)[slot] = d
         self.frames[slot] = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device, non_blocking=True)
         self.tokens[slot] = torch.from_numpy(tokenize(text, self.cfg.text_vocab, self.cfg.text_len)).to(self.device, non_blocking=True)
         self.has_frames[slot] = float(has_frames)
@@ -90,7 +103,8 @@ class ContentStore:
         return {"items": np.array(sorted(self.items, key=self.items.get), np.int64),
                 "frames": self.frames[:n].cpu().numpy(), "tokens": self.tokens[:n].cpu().numpy(),
                 "has_frames": self.has_frames[:n].cpu().numpy(),
-                "frame_cluster": self.frame_cluster[:n].copy(), "text_cluster": self.text_cluster[:n].copy()}
+                "frame_cluster": self.frame_cluster[:n].copy(), "text_cluster": self.text_cluster[:n].copy(),
+                "frame_desc": self.frame_desc[:n].copy(), "text_desc": self.text_desc[:n].copy()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         n = len(state["items"])
@@ -98,7 +112,17 @@ class ContentStore:
         for name in ("frames", "tokens", "has_frames"):
             getattr(self, name)[:n] = torch.from_numpy(state[name]).to(self.device)
         self.frame_cluster[:n], self.text_cluster[:n] = state["frame_cluster"], state["text_cluster"]
+        self.described = "frame_desc" in state
+        for name in ("frame_desc", "text_desc"):
+            if name in state:
+                setattr(self, name, np.zeros((len(self.frame_cluster), state[name].shape[1]), np.float16))
+                getattr(self, name)[:n] = state[name]
         self.items = {int(i): slot for slot, i in enumerate(state["items"])}
+
+    def descriptors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(frame, text) descriptors [n, *] of every item, in slot order: what the clusters are fitted on."""
+        n = len(self.items)
+        return self.frame_desc[:n].astype(np.float32), self.text_desc[:n].astype(np.float32)
 
     def slots(self, items: np.ndarray) -> np.ndarray:
         return np.fromiter((self.items[int(i)] for i in items), np.int64, len(items))
@@ -135,10 +159,16 @@ class Batch:
     labels: torch.Tensor
     mature: torch.Tensor
     freq: torch.Tensor
+    item_counts: torch.Tensor  # [U] positives so far (the popularity gate's input)
+    # M3CSR's user tower: [B, L] rows of the looked-up item tensors holding each example's history
+    # (the distinct items first, then history-only items), and True where a position is empty; L = 0 without it
+    hist_index: torch.Tensor
+    hist_pad: torch.Tensor
     seq: int = -1  # numbered by whoever builds batches, to track which are not yet trained
 
     # what travels host -> device with the batch (the content is on the device already)
-    MOVED = ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q", "labels", "mature", "freq")
+    MOVED = ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q", "labels", "mature", "freq",
+             "item_counts", "hist_index", "hist_pad")
 
     def _map(self, fn) -> "Batch":
         return Batch(**{f.name: fn(getattr(self, f.name)) if f.name in self.MOVED else getattr(self, f.name) for f in fields(self)})
@@ -158,6 +188,7 @@ class Batch:
 def _kjt(stride: int, users: np.ndarray, items: np.ndarray, fc: np.ndarray, tc: np.ndarray) -> KeyedJaggedTensor:
     """One id per row (user and item keys spread, cluster numbers as they are); a feature with
     fewer ids than `stride` has zero-length tails."""
+    stride = max(stride, len(users), len(items))
     values, lengths = [], []
     for ids in (spread(users), spread(items), fc, tc):
         values.append(ids)
@@ -186,18 +217,41 @@ def signal_labels(events: np.ndarray, signals: list[str]) -> np.ndarray:
                     ).astype(np.float32).reshape(len(codes), len(signals))
 
 
+def with_history(store: ContentStore, items: np.ndarray, hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(items then the history-only items, to look up together; [n, L] row of each history position in
+    that list; [n, L] True where a position is empty). Only `items` get their content encoded: the
+    history is read through its ID and cluster embeddings (M3CSR's modal encoder on the user side)."""
+    pad = hist < 0
+    extra = np.setdiff1d(np.unique(hist[~pad]), items)
+    extra = extra[np.fromiter((i in store for i in extra.tolist()), bool, len(extra))]  # content (clusters) known
+    looked_up = np.concatenate([items, extra])
+    if len(looked_up) == 0:
+        return looked_up, np.zeros(hist.shape, np.int64), np.ones(hist.shape, bool)
+    order = np.argsort(looked_up, kind="stable")
+    pos = np.searchsorted(looked_up, hist, sorter=order).clip(0, len(looked_up) - 1)
+    index = order[pos]
+    pad |= looked_up[index] != hist
+    return looked_up, np.where(pad, 0, index), pad
+
+
 def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_keep_prob: float, rng: np.random.Generator,
                item_positives: KeyedCounts, user_positives: KeyedCounts, events: np.ndarray | None = None,
-               signals: list[str] = (), mature: Callable[[np.ndarray], np.ndarray] | None = None) -> Batch:
-    """item_positives / user_positives: positives seen so far per item / user (for the logQ correction).
+               signals: list[str] = (), mature: Callable[[np.ndarray], np.ndarray] | None = None,
+               history: np.ndarray | None = None, count_scale: int = 1) -> Batch:
+    """item_positives / user_positives: positives seen so far per item / user (for the logQ correction
+    and, times `count_scale` (the workers sharing the stream), the popularity gate).
     events: the event code (index in EVENT_TYPES) per example; mature: whether MEMER may learn from
-    each of the given items. The stage MEMER's decoder is told in training is drawn at random (see trainer.memer)."""
+    each of the given items; history [B, L]: each example's user's recent positives (trainer.history),
+    the example's own item masked out. The stage MEMER's decoder is told in training is drawn at random (see trainer.memer)."""
     uniq, index = np.unique(items, return_inverse=True)
     slots = store.slots(uniq)
     total = item_positives.total
     events = np.full(len(items), EVENT_TYPES.index("like")) if events is None else events
+    history = np.zeros((len(users), 0), np.int64) if history is None else np.where(history == items[:, None], -1, history)
+    looked_up, hist_index, hist_pad = with_history(store, uniq, history)
+    all_slots = store.slots(looked_up)
     return Batch(
-        kjt=_kjt(len(users), users, uniq, store.frame_cluster[slots], store.text_cluster[slots]),
+        kjt=_kjt(len(users), users, looked_up, store.frame_cluster[all_slots], store.text_cluster[all_slots]),
         user_ids=torch.from_numpy(users.astype(np.int64)),
         item_ids=torch.from_numpy(items.astype(np.int64)),
         item_index=torch.from_numpy(index.astype(np.int64)),
@@ -209,6 +263,9 @@ def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_kee
         labels=torch.from_numpy(signal_labels(events, list(signals))),
         mature=torch.from_numpy(np.zeros(len(uniq), np.float32) if mature is None else mature(uniq).astype(np.float32)),
         freq=torch.from_numpy(rng.random(len(uniq)).astype(np.float32)),
+        item_counts=torch.from_numpy((item_positives.get(uniq) * count_scale).astype(np.float32)),
+        hist_index=torch.from_numpy(hist_index),
+        hist_pad=torch.from_numpy(hist_pad),
     )
 
 
@@ -223,6 +280,12 @@ def cluster_kjt(n_frame: int, n_text: int) -> KeyedJaggedTensor:
     return _kjt(max(n_frame, n_text), empty, empty, np.arange(n_frame), np.arange(n_text))
 
 
-def user_kjt(users: np.ndarray) -> KeyedJaggedTensor:
+def user_kjt(store: ContentStore, users: np.ndarray, history: np.ndarray | None = None
+             ) -> tuple[KeyedJaggedTensor, np.ndarray, np.ndarray, np.ndarray]:
+    """The lookup of users and, with `history` [n, L], of their history items: (kjt, the history items
+    looked up, history rows, pad), as `with_history`."""
     empty = np.zeros(0, np.int64)
-    return _kjt(len(users), users, empty, empty, empty)
+    history = np.zeros((len(users), 0), np.int64) if history is None else history
+    looked_up, index, pad = with_history(store, empty, history)
+    slots = store.slots(looked_up)
+    return _kjt(len(users), users, looked_up, store.frame_cluster[slots], store.text_cluster[slots]), looked_up, index, pad

@@ -1,6 +1,8 @@
 """Typed settings of the model and the training step (a section of the run configuration)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from streaming.schema import POSITIVE_EVENTS
@@ -20,8 +22,11 @@ class ModelConfig(BaseModel):
                            "used lose their row when a new one needs it (rounded up to a multiple of 48)")
     item_rows: int = Field(20_000, ge=2, description="rows of the item table, as user_rows; an item without a row is "
                            "served by its content vector")
-    n_clusters: int = Field(16, ge=2, description="k-means clusters per modality (M3CSR cluster IDs)")
+    n_clusters: int = Field(1024, ge=2, description="most k-means clusters per modality (the M3CSR cluster tables' rows); "
+                            "k is sqrt(items known), refit each time the catalogue doubles")
     frames: int = Field(4, ge=1, description="frames per item clip")
+    clips: int = Field(1, ge=1, description="seed 000: an item keeps frames x clips frames (evenly spaced over its own); "
+                       "training encodes a random clip of `frames` of them, export the max over all clips")
     frame_size: int = Field(32, ge=8)
     patch: int = Field(8, ge=2)
     d_model: int = Field(64, ge=8)
@@ -32,11 +37,25 @@ class ModelConfig(BaseModel):
     text_vocab: int = Field(4096, ge=16, description="hash buckets of the word tokenizer")
     text_len: int = Field(16, ge=2)
     temperature: float = Field(0.1, gt=0)
-    id_dropout: float = Field(0.5, ge=0, le=1, description="share of training items seen without their ID embedding, so the content path learns to stand alone")
+    id_dropout: float = Field(0.5, ge=0, le=1, description="share of training items seen without their ID embedding, so the content path learns to stand alone (CLCRec's hybrid training, rho = 1 - id_dropout)")
     maturity_threshold: int = Field(5, ge=0, description="interactions before an item's ID embedding is used in the served "
                                     "vector, until the embedding-stability curve has measured M (see maturity_epsilon)")
     maturity_epsilon: float = Field(0.02, gt=0, lt=2, description="M is the interaction count from which the median "
                                     "drift (1 - cosine) of an item's embedding between versions stays below this")
+    # The cold-start parts (issue 6); each is a switch, all off is the seed model. See README's ablation table.
+    user_tower: Literal["id", "attention"] = Field("attention", description="'attention': M3CSR's user tower, multi-head "
+                                                   "attention over the user's last history_length positives")
+    history_length: int = Field(32, ge=1, description="positives per user the attention tower reads (a cap: a user's history is what they have)")
+    interest_intensity: bool = Field(True, description="M3CSR eqs. 5-7: per-user softmax weights over the modal interests "
+                                     "(of the attention tower: without it there are none, and this does nothing)")
+    intensity_temperature: float = Field(0.07, gt=0, description="temperature of the interest-intensity softmax (M3CSR's 0.07)")
+    orthogonality_weight: float = Field(1.0, ge=0, description="weight of M3CSR's orthogonality loss between modal interests (attention tower)")
+    popularity_gate: bool = Field(True, description="M3CSR 4.5: a learned gate on an item's positives mixes its ID and content parts, "
+                                  "in training and at export (instead of the hard switch at maturity_threshold)")
+    loss: Literal["softmax", "bpr"] = Field("softmax", description="in-batch softmax with logQ correction, or BPR over in-batch negatives")
+    clcrec_weight: float = Field(0.0, ge=0, description="weight of CLCRec's R-E contrast between an item's content part and its ID part")
+    alignment_weight: float = Field(0.0, ge=0, description="weight of seed 000's frames <-> text alignment loss")
+    infer_missing: bool = Field(False, description="CIERec: infer a missing modality from the other, with gated fusion")
     memer_signals: list[str] = Field(["positive", "play"], description="one MEMER mapping per signal: 'positive' (any "
                                      "positive event) or an event type; the first serves early-stage items; [] turns MEMER off")
     memer_hidden: int = Field(128, ge=4)
@@ -64,4 +83,8 @@ class OptimConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     zero_stage: int = Field(1, ge=0, le=2)
     gradient_clipping: float = Field(1.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="'cosine': linear warm-up, then cosine decay "
+                                                       "to lr_floor of both learning rates over the run's budget (train.duration_s or max_steps)")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    lr_floor: float = Field(0.1, ge=0, le=1, description="the cosine schedule's end, as a share of the learning rate")
     replay_window: int = Field(200_000, ge=1, description="recent positives kept for replay between fresh events")

@@ -1,4 +1,6 @@
-"""Symmetric in-batch contrastive rating loss (seed 000, eq. 1), with false-negative filtering."""
+"""The training losses: the symmetric in-batch contrastive rating loss (seed 000, eq. 1) with
+false-negative filtering, BPR over in-batch negatives (M3CSR eq. 12), and the InfoNCE that
+CLCRec's R-E contrast and seed 000's modality alignment both use."""
 from __future__ import annotations
 
 import torch
@@ -27,3 +29,27 @@ def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, user_ids: to
     user_to_item = F.cross_entropy(user_to_item_logits.masked_fill(same_item, float("-inf")), target)
     item_to_user = F.cross_entropy(item_to_user_logits.masked_fill(same_user, float("-inf")), target)
     return user_to_item + item_to_user
+
+
+def _same_entity(user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    """[B, B]: column j is no negative for row b (the same item, or the same user, off the diagonal)."""
+    diag = torch.eye(len(user_ids), dtype=torch.bool, device=user_ids.device)
+    return ((item_ids[None, :] == item_ids[:, None]) | (user_ids[:, None] == user_ids[None, :])) & ~diag
+
+
+def bpr_loss(users: torch.Tensor, items: torch.Tensor, user_ids: torch.Tensor, item_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """-log sigmoid(s(u, i+) - s(u, i-)), averaged over each positive pair and every other item of
+    the batch as its negative (an item the user also has in the batch is not one)."""
+    scores = users @ items.T / temperature
+    margin = scores.diagonal()[:, None] - scores
+    negative = ~_same_entity(user_ids, item_ids) & ~torch.eye(len(users), dtype=torch.bool, device=users.device)
+    return (F.softplus(-margin) * negative).sum() / negative.sum().clamp_min(1)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between rows of a and b [N, D] (row n of each is the positive pair), on unit vectors."""
+    if len(a) < 2:
+        return a.float().sum() * 0
+    logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

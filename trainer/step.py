@@ -13,24 +13,40 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.batch import Batch, ContentStore, cluster_kjt, gather_content, item_kjt, user_kjt
-from trainer.losses import in_batch_softmax_loss
+from trainer.history import Histories
+from trainer.losses import bpr_loss, in_batch_softmax_loss
 from trainer.model import FRAME_CLUSTER, ITEM, TEXT_CLUSTER, USER
 
 
+def history_embeddings(emb: dict[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """(item ID, frame cluster, text cluster) embeddings [B, L, D] of each example's history, or None
+    without one. When no history item was looked up at all (every position empty), zeros: the
+    positions are all masked, and the tower attends to the user alone."""
+    if index.shape[1] == 0:
+        return None
+    if len(emb[ITEM]) == 0:
+        return tuple(emb[USER].new_zeros((*index.shape, emb[USER].shape[1])) for _ in range(3))
+    return tuple(emb[k][index] for k in (ITEM, FRAME_CLUSTER, TEXT_CLUSTER))
+
+
 class TrainStep:
-    def __init__(self, sparse: torch.nn.Module, engine, temperature: float, device: torch.device):
-        self.sparse, self.engine, self.temperature, self.device = sparse, engine, temperature, device
+    def __init__(self, sparse: torch.nn.Module, engine, temperature: float, device: torch.device, loss: str = "softmax"):
+        self.sparse, self.engine, self.temperature, self.device, self.loss = sparse, engine, temperature, device, loss
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         """Returns the loss as a device tensor: reading it would make the host wait for the GPU."""
         b = batch.to(self.device)
         frames, tokens, has_frames = gather_content(b.content, b.slots)
         emb = self.sparse(b.kjt)
+        n = len(b.slots)  # the batch's distinct items; history-only items follow them in the item lookups
         memer = (b.item_index, b.freq, b.mature, b.labels) if b.labels.shape[1] else None
-        users, items, memer_loss = self.engine(emb[USER], emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens,
-                                               has_frames, b.id_keep, memer)
-        loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature, b.item_log_q, b.user_log_q)
-        loss = loss + memer_loss
+        users, items, aux_loss = self.engine(emb[USER], emb[ITEM][:n], emb[FRAME_CLUSTER][:n], emb[TEXT_CLUSTER][:n], frames, tokens,
+                                             has_frames, b.id_keep, b.item_counts, history_embeddings(emb, b.hist_index), b.hist_pad, memer)
+        if self.loss == "bpr":
+            loss = bpr_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature)
+        else:
+            loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature, b.item_log_q, b.user_log_q)
+        loss = loss + aux_loss
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
@@ -47,10 +63,29 @@ def _chunks(ids: np.ndarray, rank: int, world: int, size: int) -> list[np.ndarra
     return [mine[c * size:(c + 1) * size] if c * size < len(mine) else mine[:1] for c in range(n_chunks)]
 
 
+def _user_shares(user_ids: np.ndarray, histories: Histories | None, rank: int, world: int, size: int,
+                 group: dist.ProcessGroup | None) -> list[np.ndarray]:
+    """This rank's users, in chunks (the same number on every rank: each lookup is a collective).
+    With histories, a rank takes the users whose history it holds (it alone has it), and shares
+    out the users nobody holds one for; without, every rank takes a round-robin share."""
+    if histories is None or world == 1:
+        return _chunks(user_ids, rank, world, size)
+    held = histories.users()
+    held = held[np.isin(held, user_ids)]
+    everyone, _ = gather_rows(torch.from_numpy(held), torch.from_numpy(held)[:, None], group)
+    mine = np.concatenate([held, np.setdiff1d(user_ids, everyone)[rank::world]])
+    n = torch.tensor([-(-len(mine) // size)])
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    if len(mine) == 0:
+        mine = user_ids[:1]
+    return [mine[c * size:(c + 1) * size] if c * size < len(mine) else mine[:1] for c in range(max(1, int(n[0])))]
+
+
 @torch.no_grad()
 def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, user_ids: np.ndarray, stages: np.ndarray,
                    device: torch.device, chunk: int = 256, group: dist.ProcessGroup | None = None,
-                   clusters: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                   clusters: tuple[np.ndarray, np.ndarray] | None = None, positives: np.ndarray | None = None,
+                   histories: Histories | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Unit vectors for the given items and users, computed by all ranks together.
 
     Per item, every variant the publisher may serve: "full" (content + ID embedding: a mature
@@ -66,6 +101,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     dense.eval()
     sparse.eval()  # a lookup in training mode would claim rows for the ids it reads (managed collisions)
     stage_of = dict(zip(item_ids.tolist(), stages.tolist()))
+    positives_of = dict(zip(item_ids.tolist(), (np.zeros(len(item_ids)) if positives is None else positives).tolist()))
     names: list[str] = []
     item_keys, item_rows = [], []  # this rank's share: keys and [n, variants, D]
     for part in _chunks(item_ids, rank, world, chunk):
@@ -76,7 +112,9 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
             emb[TEXT_CLUSTER] = torch.from_numpy(clusters[1][store.text_cluster[slots]]).to(device)
         frames, tokens, has_frames = (t.to(device) for t in gather_content(store.content(), torch.from_numpy(store.slots(part))))
         content, id_part, feat = dense.item_parts(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames)
-        variants = {"full": F.normalize((content + id_part).float(), dim=-1), "content": F.normalize(content.float(), dim=-1)}
+        counts = torch.tensor([positives_of[int(i)] for i in part], device=device)
+        variants = {"full": dense.combine(content, id_part, torch.ones(len(part), device=device), counts),
+                    "content": F.normalize(content.float(), dim=-1)}
         if dense.memer is not None:
             freq = torch.tensor([stage_of[int(i)] for i in part], device=device)
             variants |= {f"early_{s}": v for s, v in dense.memer.early(feat, freq, variants["content"]).items()}
@@ -84,9 +122,17 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
         item_keys.append(torch.from_numpy(part))
         item_rows.append(torch.stack(list(variants.values()), 1).float().cpu())
     user_keys, user_rows = [], []
-    for part in _chunks(user_ids, rank, world, 4 * chunk):
+    read_history = dense.user_tower is not None and histories is not None
+    for part in _user_shares(user_ids, histories if read_history else None, rank, world, 4 * chunk, group):
+        kjt, looked_up, index, pad = user_kjt(store, part, histories.get(part) if read_history else None)
+        emb = sparse(kjt.to(device))
+        if clusters is not None and len(looked_up):  # the history's cluster embeddings: the frozen ones too
+            slots = store.slots(looked_up)
+            emb[FRAME_CLUSTER] = torch.from_numpy(clusters[0][store.frame_cluster[slots]]).to(device)
+            emb[TEXT_CLUSTER] = torch.from_numpy(clusters[1][store.text_cluster[slots]]).to(device)
+        hist = history_embeddings(emb, torch.from_numpy(index).to(device))
         user_keys.append(torch.from_numpy(part))
-        user_rows.append(dense.user_vector(sparse(user_kjt(part).to(device))[USER]).float().cpu())
+        user_rows.append(dense.user_vector(emb[USER][: len(part)], hist, torch.from_numpy(pad).to(device))[0].float().cpu())
     dense.train(dense_was)
     sparse.train(sparse_was)  # not dense's: the encoder copy is always in eval mode, and the tables must go on training
     items = _in_order(item_ids, *gather_rows(torch.cat(item_keys), torch.cat(item_rows), group))
@@ -128,3 +174,22 @@ def cluster_rows(sparse, n_frame: int, n_text: int, device: torch.device) -> tup
     emb = sparse(cluster_kjt(n_frame, n_text).to(device))
     sparse.train(was_training)
     return emb[FRAME_CLUSTER].float().cpu().numpy(), emb[TEXT_CLUSTER].float().cpu().numpy()
+
+
+def lr_factor(progress: float, warmup: float, floor: float) -> float:
+    """The cosine schedule's multiplier at `progress` in [0, 1] of the budget: linear warm-up to 1
+    over `warmup`, then cosine down to `floor`, where it stays past the budget."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    t = min((progress - warmup) / max(1.0 - warmup, 1e-9), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + np.cos(np.pi * t))
+
+
+def set_learning_rates(engine, sparse, dense_lr: float, sparse_lr: float) -> None:
+    """Both optimizers' rates: the dense one's param groups, and the fused table optimizers' (TorchRec
+    hands a group's lr to the fbgemm kernels on its `step`, which applies no update in backward mode)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = dense_lr
+    for group in sparse.fused_optimizer.param_groups:
+        group["lr"] = sparse_lr
+    sparse.fused_optimizer.step()
