@@ -175,7 +175,8 @@ def test_bf16_dense_engine_takes_fp32_sparse_rows():
     tokens = torch.randint(1, CFG.text_vocab, (3, CFG.text_len))
     rows = [torch.randn(3, e, requires_grad=True) for _ in range(4)]
     memer = (torch.arange(3), torch.rand(3), torch.ones(3), torch.ones(3, len(CFG.memer_signals)))
-    users, items, memer_loss = m(*rows, frames, tokens, torch.ones(3), torch.ones(3), memer)
+    users, items, memer_loss = m(*rows, frames, tokens, torch.ones(3), torch.ones(3), item_counts=torch.tensor([0.0, 3.0, 9.0]),
+                                 memer_inputs=memer)  # the default parts on: the gate reads counts, the attention tower no history
     assert users.dtype == items.dtype == memer_loss.dtype == torch.float32 and memer_loss > 0
     ((users * items).sum() + memer_loss).backward()
     assert all(r.grad is not None and r.grad.dtype == torch.float32 for r in rows)  # fused optimizers get fp32 grads
