@@ -146,6 +146,13 @@ def protocol(ds: Dataset, split: Split, threshold: float) -> Protocol:
                     _items_by_user(ds, split.train, threshold))
 
 
+def masks(proto: Protocol, users: list[int], cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[users, candidates]: (test positives, candidates each user is ranked over: all but their training items)."""
+    positive = np.array([[int(i) in proto.test_pos.get(int(u), ()) for i in cands] for u in users]).reshape(len(users), len(cands))
+    valid = np.array([[int(i) not in proto.train_seen.get(int(u), ()) for i in cands] for u in users]).reshape(len(users), len(cands))
+    return positive, valid
+
+
 def validation_protocol(ds: Dataset, val: Validation, threshold: float) -> Protocol:
     """The validation slice as a protocol: pseudo-cold items against each other, held rows against
     the items trained on; only training rows are read."""
@@ -166,9 +173,7 @@ def _matrices(reader: IndexReader, proto: Protocol, name: str) -> tuple:
     scores = reader.score_matrix(vecs, cands) if users else np.zeros((0, len(cands)), np.float32)
     scores = np.concatenate([scores, np.zeros((len(missing), len(cands)), np.float32)])
     users = users + missing
-    positive = np.array([[int(i) in proto.test_pos.get(u, ()) for i in cands] for u in users]).reshape(len(users), len(cands))
-    valid = np.array([[int(i) not in proto.train_seen.get(u, ()) for i in cands] for u in users]).reshape(len(users), len(cands))
-    return scores, positive, valid, users, cands
+    return (scores, *masks(proto, users, cands), users, cands)
 
 
 def export_split(ds: Dataset, split: Split, threshold: float, out: Path) -> Path:
@@ -190,8 +195,7 @@ def export_split(ds: Dataset, split: Split, threshold: float, out: Path) -> Path
     }
     for name, cands in proto.candidates.items():
         arrays[f"{name}_items"] = cands
-        positive = np.array([[int(i) in proto.test_pos.get(int(u), ()) for i in cands] for u in users]).reshape(len(users), len(cands))
-        valid = np.array([[int(i) not in proto.train_seen.get(int(u), ()) for i in cands] for u in users]).reshape(len(users), len(cands))
+        positive, valid = masks(proto, users, cands)
         arrays[f"{name}_positive"], arrays[f"{name}_valid"] = np.packbits(positive, axis=1), np.packbits(valid, axis=1)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "split.npz", **arrays)
@@ -302,8 +306,7 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
     for set_name, cands in (("cold", cold_ids), ("warm", warm_ids), ("all", all_ids)):
         if len(cands) == 0:
             continue
-        positive = np.array([[int(i) in test_pos.get(u, ()) for i in cands] for u in users])
-        valid = np.array([[int(i) not in train_seen.get(u, ()) for i in cands] for u in users])
+        positive, valid = masks(proto, users, cands)
         for method, scores in matrices(cands, with_averages=set_name != "warm").items():
             m = {k: round(v, 5) for k, v in score_metrics(scores, positive, valid, users, cands).items()}
             if method == "model":
@@ -318,8 +321,7 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
     published = MappedVersion.load(version_dir, shard_dir)
     if published.mapper is not None:  # CIERec's report: the cold items embedded with and without their images
         cold_rows = [r for r, u in enumerate(users) if test_pos.get(u, set()) & set(cold_ids.tolist())]
-        positive = np.array([[int(i) in test_pos.get(users[r], ()) for i in cold_ids] for r in cold_rows])
-        valid = np.array([[int(i) not in train_seen.get(users[r], ()) for i in cold_ids] for r in cold_rows])
+        positive, valid = masks(proto, [users[r] for r in cold_rows], cold_ids)
         result["cold_images_withheld"] = {
             name: {k: round(v, 5) for k, v in score_metrics(exact_scores(user_vecs[cold_rows], published.remap(cold_ids, withhold_images=hide)),
                                                               positive, valid, [users[r] for r in cold_rows], cold_ids).items()}

@@ -54,10 +54,14 @@ class TrainStep:
 
 def _chunks(ids: np.ndarray, rank: int, world: int, size: int) -> list[np.ndarray]:
     """This rank's share of ids, in chunks; every rank gets the same number of chunks
-    (padded by repeating its first id) because each sharded lookup is a collective."""
-    mine = ids[rank::world]
+    because each sharded lookup is a collective."""
     per_rank = -(-len(ids) // world)
-    n_chunks = max(1, -(-per_rank // size))
+    return _padded(ids[rank::world], ids, max(1, -(-per_rank // size)), size)
+
+
+def _padded(mine: np.ndarray, ids: np.ndarray, n_chunks: int, size: int) -> list[np.ndarray]:
+    """`mine` in `n_chunks` chunks of up to `size`; chunks past its end (or all, when it is empty)
+    repeat one id, so that the rank still takes part in each lookup."""
     if len(mine) == 0:
         mine = ids[:1]
     return [mine[c * size:(c + 1) * size] if c * size < len(mine) else mine[:1] for c in range(n_chunks)]
@@ -76,9 +80,17 @@ def _user_shares(user_ids: np.ndarray, histories: Histories | None, rank: int, w
     mine = np.concatenate([held, np.setdiff1d(user_ids, everyone)[rank::world]])
     n = torch.tensor([-(-len(mine) // size)])
     dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
-    if len(mine) == 0:
-        mine = user_ids[:1]
-    return [mine[c * size:(c + 1) * size] if c * size < len(mine) else mine[:1] for c in range(max(1, int(n[0])))]
+    return _padded(mine, user_ids, max(1, int(n[0])), size)
+
+
+def _use_frozen_clusters(emb: dict[str, torch.Tensor], store: ContentStore, items: np.ndarray,
+                         clusters: tuple[np.ndarray, np.ndarray] | None, device: torch.device) -> None:
+    """Replaces the looked-up cluster embeddings of `items` (in lookup order) by the frozen rows, if any."""
+    if clusters is None or len(items) == 0:
+        return
+    slots = store.slots(items)
+    emb[FRAME_CLUSTER] = torch.from_numpy(clusters[0][store.frame_cluster[slots]]).to(device)
+    emb[TEXT_CLUSTER] = torch.from_numpy(clusters[1][store.text_cluster[slots]]).to(device)
 
 
 @torch.no_grad()
@@ -106,10 +118,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     item_keys, item_rows = [], []  # this rank's share: keys and [n, variants, D]
     for part in _chunks(item_ids, rank, world, chunk):
         emb = sparse(item_kjt(store, part).to(device))
-        if clusters is not None:
-            slots = store.slots(part)
-            emb[FRAME_CLUSTER] = torch.from_numpy(clusters[0][store.frame_cluster[slots]]).to(device)
-            emb[TEXT_CLUSTER] = torch.from_numpy(clusters[1][store.text_cluster[slots]]).to(device)
+        _use_frozen_clusters(emb, store, part, clusters, device)
         frames, tokens, has_frames = (t.to(device) for t in gather_content(store.content(), torch.from_numpy(store.slots(part))))
         content, id_part, feat = dense.item_parts(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames)
         counts = torch.tensor([positives_of[int(i)] for i in part], device=device)
@@ -126,10 +135,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
     for part in _user_shares(user_ids, histories if read_history else None, rank, world, 4 * chunk, group):
         kjt, looked_up, index, pad = user_kjt(store, part, histories.get(part) if read_history else None)
         emb = sparse(kjt.to(device))
-        if clusters is not None and len(looked_up):  # the history's cluster embeddings: the frozen ones too
-            slots = store.slots(looked_up)
-            emb[FRAME_CLUSTER] = torch.from_numpy(clusters[0][store.frame_cluster[slots]]).to(device)
-            emb[TEXT_CLUSTER] = torch.from_numpy(clusters[1][store.text_cluster[slots]]).to(device)
+        _use_frozen_clusters(emb, store, looked_up, clusters, device)  # the history's cluster embeddings: the frozen ones too
         hist = history_embeddings(emb, torch.from_numpy(index).to(device))
         user_keys.append(torch.from_numpy(part))
         user_rows.append(dense.user_vector(emb[USER][: len(part)], hist, torch.from_numpy(pad).to(device))[0].float().cpu())
