@@ -16,11 +16,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OFF = ["model.user_tower=id", "model.interest_intensity=false", "model.orthogonality_weight=0", "model.popularity_gate=false",
-       "model.loss=softmax", "model.clcrec_weight=0", "model.alignment_weight=0", "model.infer_missing=false", "optim.lr_schedule=constant"]
+       "model.loss=symmetric", "model.clcrec_weight=0", "model.alignment_weight=0", "model.infer_missing=false", "optim.lr_schedule=constant"]
 PARTS = {  # each part's settings on top of OFF
     "attention_tower": ["model.user_tower=attention"],
     "interest_intensity": ["model.user_tower=attention", "model.interest_intensity=true", "model.orthogonality_weight=1"],
     "popularity_gate": ["model.popularity_gate=true"],
+    "user_to_item": ["model.loss=softmax"],
     "bpr": ["model.loss=bpr"],
     "clcrec": ["model.clcrec_weight=0.2"],
     "alignment": ["model.alignment_weight=0.2"],

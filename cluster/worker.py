@@ -42,7 +42,7 @@ from trainer.counts import KeyedCounts
 from trainer.history import Histories
 from trainer.memer import stage
 from trainer.model import DenseArch
-from trainer.step import TrainStep, cluster_rows, export_vectors, gather_rows, lr_factor, set_learning_rates
+from trainer.step import TrainStep, cluster_rows, export_vectors, gather_rows, lr_factor, run_progress, set_learning_rates
 
 log = logging.getLogger("coldstream.worker")
 DS_TAG = "dense"
@@ -628,12 +628,11 @@ class Worker:
                                 "step_examples_per_s": step_rate, "broker_data_loss_incidents": lost,
                                 "broker_outages": outages, "broker_down_s": down}) + "\n")
 
-    def _schedule(self, elapsed_s: float) -> None:
-        """Sets both learning rates for the run's progress: the share of its time budget or of max_steps
-        spent, whichever is further (every rank computes it from the same agreed step)."""
+    def _schedule(self, elapsed_s: float, held: float) -> None:
+        """Sets both learning rates for the run's progress (`trainer.step.run_progress`); every rank
+        computes it from the same agreed figures: rank 0's clock, the summed replay windows."""
         t, o = self.cfg.train, self.cfg.optim
-        progress = self.step / t.max_steps if t.max_steps else 0.0
-        progress = max(progress, elapsed_s / t.duration_s) if t.duration_s else progress
+        progress = run_progress(self.step, t.max_steps, elapsed_s, t.duration_s, o.batch_size * self.world, held, o.schedule_passes)
         f = lr_factor(progress, o.warmup_fraction, o.lr_floor)
         set_learning_rates(self.engine, self.sparse, o.dense_lr * f, o.sparse_lr * f)
 
@@ -664,12 +663,13 @@ class Worker:
                 pub = lead and self.step > last_pub_step and (now - last_pub > t.publish_every_s or self.step - last_pub_step >= t.publish_every_steps)
                 ckpt = lead and now - last_ckpt > t.checkpoint_every_s
                 # rank 0's clock for all: the learning rate must be the same on every rank
-                not_ready, stop, pub, ckpt, elapsed = self._sum([float(batch is None), stop, pub, ckpt, (now - start) * lead])
+                not_ready, stop, pub, ckpt, elapsed, held = self._sum([float(batch is None), stop, pub, ckpt, (now - start) * lead,
+                                                                       float(self.replay.size)])
                 if stop:
                     break
                 if not not_ready:
                     if self.cfg.optim.lr_schedule == "cosine":
-                        self._schedule(elapsed)
+                        self._schedule(elapsed, held)
                     clock.start()
                     self.losses.append(self.step_fn(batch))
                     clock.stop()

@@ -26,6 +26,19 @@ def test_duplicate_items_are_not_negatives():
     assert torch.isfinite(base) and torch.isfinite(masked)
 
 
+def test_item_to_user_direction_only_when_symmetric():
+    """The default ranks items for a user alone; `symmetric` adds seed 000's item -> user softmax,
+    the only place where a user seen twice in the batch is masked."""
+    torch.manual_seed(2)
+    u = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    items = torch.arange(4)
+    one_way = [in_batch_softmax_loss(u, v, users, items, 0.2) for users in (torch.tensor([0, 0, 1, 2]), torch.arange(4))]
+    two_way = [in_batch_softmax_loss(u, v, users, items, 0.2, symmetric=True) for users in (torch.tensor([0, 0, 1, 2]), torch.arange(4))]
+    assert torch.isclose(one_way[0], one_way[1]) and not torch.isclose(two_way[0], two_way[1])
+    assert (two_way[1] > one_way[1]).item()
+
+
 def test_cold_item_vector_ignores_its_id_embedding():
     torch.manual_seed(0)
     m = DenseArch(CFG).eval()

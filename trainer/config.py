@@ -36,7 +36,8 @@ class ModelConfig(BaseModel):
     text_layers: int = Field(2, ge=1)
     text_vocab: int = Field(4096, ge=16, description="hash buckets of the word tokenizer")
     text_len: int = Field(16, ge=2)
-    temperature: float = Field(0.1, gt=0)
+    temperature: float = Field(0.2, gt=0, description="of the in-batch softmax over unit vectors: at 0.1 the hardest in-batch "
+                               "negatives dominate it (README: 'Tuning', measured)")
     id_dropout: float = Field(0.5, ge=0, le=1, description="share of training items seen without their ID embedding, so the content path learns to stand alone (CLCRec's hybrid training, rho = 1 - id_dropout)")
     maturity_threshold: int = Field(5, ge=0, description="interactions before an item's ID embedding is used in the served "
                                     "vector, until the embedding-stability curve has measured M (see maturity_epsilon)")
@@ -52,7 +53,8 @@ class ModelConfig(BaseModel):
     orthogonality_weight: float = Field(1.0, ge=0, description="weight of M3CSR's orthogonality loss between modal interests (attention tower)")
     popularity_gate: bool = Field(True, description="M3CSR 4.5: a learned gate on an item's positives mixes its ID and content parts, "
                                   "in training and at export (instead of the hard switch at maturity_threshold)")
-    loss: Literal["softmax", "bpr"] = Field("softmax", description="in-batch softmax with logQ correction, or BPR over in-batch negatives")
+    loss: Literal["softmax", "symmetric", "bpr"] = Field("softmax", description="in-batch softmax (user -> item) with logQ "
+                                                         "correction; 'symmetric' adds seed 000's item -> user direction; or BPR over in-batch negatives")
     clcrec_weight: float = Field(0.0, ge=0, description="weight of CLCRec's R-E contrast between an item's content part and its ID part")
     alignment_weight: float = Field(0.0, ge=0, description="weight of seed 000's frames <-> text alignment loss")
     infer_missing: bool = Field(False, description="CIERec: infer a missing modality from the other, with gated fusion")
@@ -79,12 +81,16 @@ class OptimConfig(BaseModel):
 
     batch_size: int = Field(256, ge=2, description="positive pairs per worker per step")
     dense_lr: float = Field(1e-3, gt=0)
-    sparse_lr: float = Field(0.05, gt=0)
+    sparse_lr: float = Field(1.0, gt=0, description="RowWiseAdagrad's rate for the ID tables: a row's steps shrink with its "
+                             "squared gradients, and the ID part gets gradient only when kept and through the gate's share, "
+                             "so a small rate leaves it behind the content part (README: 'Tuning', measured)")
     weight_decay: float = Field(0.01, ge=0)
     zero_stage: int = Field(1, ge=0, le=2)
     gradient_clipping: float = Field(1.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="'cosine': linear warm-up, then cosine decay "
                                                        "to lr_floor of both learning rates over the run's budget (train.duration_s or max_steps)")
+    schedule_passes: float | None = Field(10.0, gt=0, description="the cosine schedule also ends after this many passes over the "
+                                          "positives the workers hold (their replay windows), if that comes before the budget; null: the budget alone")
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     lr_floor: float = Field(0.1, ge=0, le=1, description="the cosine schedule's end, as a share of the learning rate")
     replay_window: int = Field(200_000, ge=1, description="recent positives kept for replay between fresh events")

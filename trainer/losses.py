@@ -1,6 +1,6 @@
-"""The training losses: the symmetric in-batch contrastive rating loss (seed 000, eq. 1) with
-false-negative filtering, BPR over in-batch negatives (M3CSR eq. 12), and the InfoNCE that
-CLCRec's R-E contrast and seed 000's modality alignment both use."""
+"""The training losses: the in-batch contrastive rating loss (user -> item as CLCRec's L_UI, or
+symmetric as seed 000's eq. 1) with false-negative filtering, BPR over in-batch negatives (M3CSR
+eq. 12), and the InfoNCE that CLCRec's R-E contrast and seed 000's modality alignment both use."""
 from __future__ import annotations
 
 import torch
@@ -8,8 +8,13 @@ import torch.nn.functional as F
 
 
 def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, user_ids: torch.Tensor, item_ids: torch.Tensor, temperature: float,
-                          item_log_q: torch.Tensor | None = None, user_log_q: torch.Tensor | None = None) -> torch.Tensor:
+                          item_log_q: torch.Tensor | None = None, user_log_q: torch.Tensor | None = None,
+                          symmetric: bool = False) -> torch.Tensor:
     """users, items: [B, D] unit vectors of positive pairs; row b's positive is column b.
+
+    The retrieval task ranks items for a user, so the loss is the user -> item softmax; `symmetric`
+    adds seed 000's item -> user direction (eq. 1), which measured worse for ranking items (an
+    item's softmax over users pulls users toward every item they touched; README, "Tuning").
 
     Other columns holding the same item (or rows holding the same user) are the same
     entity, not a negative, so they are masked out of the denominators.
@@ -21,14 +26,15 @@ def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, user_ids: to
     """
     raw = users @ items.T / temperature
     user_to_item_logits = raw if item_log_q is None else raw - item_log_q[None, :]
-    item_to_user_logits = (raw if user_log_q is None else raw - user_log_q[:, None]).T
     diag = torch.eye(len(users), dtype=torch.bool, device=users.device)
     same_item = (item_ids[None, :] == item_ids[:, None]) & ~diag
-    same_user = (user_ids[:, None] == user_ids[None, :]) & ~diag
     target = torch.arange(len(users), device=users.device)
     user_to_item = F.cross_entropy(user_to_item_logits.masked_fill(same_item, float("-inf")), target)
-    item_to_user = F.cross_entropy(item_to_user_logits.masked_fill(same_user, float("-inf")), target)
-    return user_to_item + item_to_user
+    if not symmetric:
+        return user_to_item
+    item_to_user_logits = (raw if user_log_q is None else raw - user_log_q[:, None]).T
+    same_user = (user_ids[:, None] == user_ids[None, :]) & ~diag
+    return user_to_item + F.cross_entropy(item_to_user_logits.masked_fill(same_user, float("-inf")), target)
 
 
 def _same_entity(user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:

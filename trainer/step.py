@@ -45,7 +45,8 @@ class TrainStep:
         if self.loss == "bpr":
             loss = bpr_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature)
         else:
-            loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature, b.item_log_q, b.user_log_q)
+            loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature, b.item_log_q, b.user_log_q,
+                                         symmetric=self.loss == "symmetric")
         loss = loss + aux_loss
         self.engine.backward(loss)
         self.engine.step()
@@ -180,6 +181,21 @@ def cluster_rows(sparse, n_frame: int, n_text: int, device: torch.device) -> tup
     emb = sparse(cluster_kjt(n_frame, n_text).to(device))
     sparse.train(was_training)
     return emb[FRAME_CLUSTER].float().cpu().numpy(), emb[TEXT_CLUSTER].float().cpu().numpy()
+
+
+def run_progress(step: int, max_steps: int | None, elapsed_s: float, duration_s: float | None, examples_per_step: int,
+                 held: float, passes: float | None) -> float:
+    """How far the learning-rate schedule is, in [0, 1+]: the share of max_steps, of the time budget, or
+    of `passes` passes over the `held` positives (the replay windows), whichever is furthest.
+
+    The passes follow the data: a replayed dataset anneals after so many passes over it however long
+    the budget (a 10-minute MovieLens run kept the peak rate for 12 passes and overfitted), while on a
+    live stream new positives lower the count, so the rate rises again with fresh data."""
+    progress = step / max_steps if max_steps else 0.0
+    progress = max(progress, elapsed_s / duration_s) if duration_s else progress
+    if passes and held:
+        progress = max(progress, step * examples_per_step / (passes * held))
+    return progress
 
 
 def lr_factor(progress: float, warmup: float, floor: float) -> float:
