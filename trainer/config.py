@@ -88,7 +88,7 @@ class OptimConfig(BaseModel):
     zero_stage: int = Field(1, ge=0, le=2)
     gradient_clipping: float = Field(1.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="'cosine': linear warm-up, then cosine decay "
-                                                       "to lr_floor of both learning rates over the run's budget (train.duration_s or max_steps)")
+                                                       "to lr_floor of both learning rates over the run's budget (train.duration_s or max_steps) or schedule_passes, whichever ends first")
     schedule_passes: float | None = Field(10.0, gt=0, description="the cosine schedule also ends after this many passes over the "
                                           "positives the workers hold (their replay windows), if that comes before the budget; null: the budget alone")
     warmup_fraction: float = Field(0.05, ge=0, lt=1)

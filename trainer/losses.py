@@ -13,8 +13,9 @@ def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, user_ids: to
     """users, items: [B, D] unit vectors of positive pairs; row b's positive is column b.
 
     The retrieval task ranks items for a user, so the loss is the user -> item softmax; `symmetric`
-    adds seed 000's item -> user direction (eq. 1), which measured worse for ranking items (an
-    item's softmax over users pulls users toward every item they touched; README, "Tuning").
+    adds seed 000's item -> user direction (eq. 1). In an ID-only probe it cost ranking quality (an
+    item's softmax over users pulls users toward every item they touched); in the full model the
+    two were within one seed's noise (README, "Tuning" and the ablation after it).
 
     Other columns holding the same item (or rows holding the same user) are the same
     entity, not a negative, so they are masked out of the denominators.
