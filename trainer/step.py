@@ -199,8 +199,8 @@ def run_progress(step: int, max_steps: int | None, elapsed_s: float, duration_s:
 
 
 def lr_factor(progress: float, warmup: float, floor: float) -> float:
-    """The cosine schedule's multiplier at `progress` in [0, 1] of the budget: linear warm-up to 1
-    over `warmup`, then cosine down to `floor`, where it stays past the budget."""
+    """The cosine schedule's multiplier at `progress` in [0, 1] of the run (`run_progress`): linear
+    warm-up to 1 over `warmup`, then cosine down to `floor`, where it stays past the end."""
     if progress < warmup:
         return max(progress / warmup, 0.01)
     t = min((progress - warmup) / max(1.0 - warmup, 1e-9), 1.0)
