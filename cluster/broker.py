@@ -114,6 +114,8 @@ class LocalBroker:
 
     def _start_store(self, timeout_s: float) -> str:
         port = free_port()
+        while port == self.port:  # the broker's port is chosen but not bound yet: the OS may hand it out again
+            port = free_port()
         self.store = subprocess.Popen(
             [sys.executable, "-m", "cluster.objectstore", "--dir", str(self.data_dir), "--port", str(port), "--bucket", BUCKET],
             stdout=self._out(), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=ROOT,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from streaming.shards import decode_frames, item_text
@@ -74,7 +73,7 @@ class EarlyStageMapper(nn.Module):
         content, _, feat = self.dense.item_parts(torch.zeros(n, self.cfg.embedding_dim), self.frame_rows[fc], self.text_rows[tc],
                                            torch.as_tensor(frames), torch.as_tensor(tokens), torch.as_tensor(has_frames, dtype=torch.float32))
         freq = stage(torch.as_tensor(counts), self.maturity)
-        base = F.normalize(content.float(), dim=-1)
+        base = self.dense.as_new(content)
         return self.dense.memer.maps[signal or self.signals[0]].early(feat, freq, base).numpy()
 
     def embed(self, images: list[bytes], title: str = "", tags: list[str] = (), count: int = 0,

@@ -98,6 +98,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
         "sharding": {k: v.sharding_type for k, v in plan.items()},
         "local_rows": local_rows,
         "changed_rows": changed_rows,
+        "start_norm": float(before_users.norm(dim=1).mean()),
         "dense_changed": dense_changed,
         "dense_equal_across_ranks": torch.equal(gathered[0], gathered[1]),
         "losses": losses,
@@ -119,6 +120,8 @@ def test_dmp_and_deepspeed_share_one_backward():
     assert r0["local_rows"][weight] == 48 and r1["local_rows"][weight] == 48
     # the 16 users took 16 rows (managed collisions: one row each, on the rank their key maps to)
     assert len(r0["changed_rows"]) + len(r1["changed_rows"]) == 16 and r0["changed_rows"] and r1["changed_rows"]
+    # rows start at unit norm (TorchRec's default, +-sqrt(1 / rows), would give 0.06 at 20,000 rows: embeddings.tables.init_bound)
+    assert 0.8 < r0["start_norm"] < 1.2 and 0.8 < r1["start_norm"] < 1.2
     assert all(r0["users_held"]) and all(r1["users_held"])
     # 640 new users, seen once each, through 94 usable rows: the newest hold rows and the churn evicts
     # itself, while the 16 users trained 15 times keep theirs (distance-weighted LFU); evictions counted

@@ -117,6 +117,11 @@ def test_popularity_gate_sets_the_mix_by_count_and_a_dropped_id_leaves_content_a
     assert (few * unit(content)).sum(1).gt((many * unit(content)).sum(1)).all()
     assert (many * unit(id_part)).sum(1).gt((few * unit(id_part)).sum(1)).all()
     assert torch.allclose(m.combine(content, id_part, torch.zeros(2), torch.tensor([1e6, 1e6])), unit(content))
+    # an item seen as new: the shared new-item vector for its ID part, and no positives for the gate
+    with torch.no_grad():
+        m.new_item.copy_(torch.randn(8))
+    as_new = m.combine(content, id_part, torch.zeros(2), torch.tensor([1e6, 1e6]))
+    assert torch.allclose(as_new, m.as_new(content)) and not torch.allclose(as_new, unit(content))
 
 
 def test_missing_image_is_inferred_from_text_not_zeros():

@@ -38,7 +38,8 @@ class ModelConfig(BaseModel):
     text_len: int = Field(16, ge=2)
     temperature: float = Field(0.2, gt=0, description="of the in-batch softmax over unit vectors: at 0.1 the hardest in-batch "
                                "negatives dominate it (README: 'Tuning', measured)")
-    id_dropout: float = Field(0.5, ge=0, le=1, description="share of training items seen without their ID embedding, so the content path learns to stand alone (CLCRec's hybrid training, rho = 1 - id_dropout)")
+    id_dropout: float = Field(0.5, ge=0, le=1, description="share of training items seen as new (the shared new-item ID part, "
+                              "no positives for the gate), so the content path learns to place them (CLCRec's hybrid training, rho = 1 - id_dropout)")
     maturity_threshold: int = Field(5, ge=0, description="interactions before an item's ID embedding is used in the served "
                                     "vector, until the embedding-stability curve has measured M (see maturity_epsilon)")
     maturity_epsilon: float = Field(0.02, gt=0, lt=2, description="M is the interaction count from which the median "
@@ -81,9 +82,8 @@ class OptimConfig(BaseModel):
 
     batch_size: int = Field(256, ge=2, description="positive pairs per worker per step")
     dense_lr: float = Field(1e-3, gt=0)
-    sparse_lr: float = Field(1.0, gt=0, description="RowWiseAdagrad's rate for the ID tables: a row's steps shrink with its "
-                             "squared gradients, and the ID part gets gradient only when kept and through the gate's share, "
-                             "so a small rate leaves it behind the content part (README: 'Tuning', measured)")
+    sparse_lr: float = Field(0.3, gt=0, description="RowWiseAdagrad's rate for the ID tables, whose rows start at unit norm "
+                             "(embeddings.tables.init_bound); an ID-only model learned alike from 0.15 to 0.5 (README: 'Tuning', measured)")
     weight_decay: float = Field(0.01, ge=0)
     zero_stage: int = Field(1, ge=0, le=2)
     gradient_clipping: float = Field(1.0, ge=0)

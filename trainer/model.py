@@ -210,6 +210,9 @@ class DenseArch(nn.Module):
         self.modal = nn.ModuleList(nn.Linear(d, e) for _ in range(N_MODALITIES))
         self.fuse = nn.Sequential(nn.Linear(2 * N_MODALITIES * e, 2 * e), nn.GELU(), nn.Linear(2 * e, e))
         self.id_proj = nn.Linear(e, e, bias=False)
+        # the ID part of an item seen as new (dropped in training, without a row at export): one learned
+        # vector for all of them, which the item's content then places (zeros: content alone at the start)
+        self.new_item = nn.Parameter(torch.zeros(e))
         self.user_mlp = nn.Sequential(nn.Linear(e, e), nn.GELU(), nn.Linear(e, e))
         self.user_tower = UserTower(cfg) if cfg.user_tower == "attention" else None
         self.cross_modal = CrossModal(d) if cfg.infer_missing else None
@@ -280,13 +283,21 @@ class DenseArch(nn.Module):
         return content, id_part, feat
 
     def combine(self, content: torch.Tensor, id_part: torch.Tensor, id_keep: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
-        """The unit item vector. id_keep [N] in {0,1}: 0 serves the item from content alone (dropped in
-        training, CLCRec's hybrid rho; without a row at export). With the gate, `counts` [N] sets the mix."""
+        """The unit item vector. id_keep [N] in {0,1}: 0 sees the item as new, as a cold item is served:
+        its ID part is the shared `new_item` vector and, with the gate, its positives count as 0 (CLCRec's
+        hybrid rho in training; an item without a row at export). With the gate, `counts` [N] sets the mix."""
         keep = id_keep.to(self.dtype).unsqueeze(1)
+        id_part = keep * id_part + (1 - keep) * self.new_item.to(self.dtype)
         if self.popularity is None:
-            return F.normalize((content + id_part * keep).float(), dim=-1)
-        share = self.gate(counts)
-        return F.normalize((share * content + (1 - share) * id_part * keep).float(), dim=-1)
+            return F.normalize((content + id_part).float(), dim=-1)
+        share = self.gate(counts * id_keep.to(counts.dtype))
+        return F.normalize((share * content + (1 - share) * id_part).float(), dim=-1)
+
+    def as_new(self, content: torch.Tensor) -> torch.Tensor:
+        """The unit vector of items known by their content alone (`combine` with no row, no positives):
+        what a cold item is served with, and where MEMER's mapping starts from."""
+        none = torch.zeros(len(content), device=content.device)
+        return self.combine(content, torch.zeros_like(content), none, none if self.popularity is not None else None)
 
     def forward(self, user_emb, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep,
                 item_counts=None, hist=None, pad=None, memer_inputs: tuple[torch.Tensor, ...] | None = None):
@@ -302,6 +313,6 @@ class DenseArch(nn.Module):
             return users, items, loss
         item_index, freq, mature, labels = memer_inputs
         mature_vecs = self.combine(content, id_part, torch.ones_like(id_keep), item_counts).detach()
-        base = F.normalize(content.float(), dim=-1).detach()
+        base = self.as_new(content).detach()
         loss = loss + self.memer.loss(feat, base, mature_vecs, freq, mature, users.detach(), item_index, labels, self.memer_weights)
         return users, items, loss

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from trainer.batch import Batch, ContentStore, cluster_kjt, gather_content, item_kjt, user_kjt
 from trainer.history import Histories
@@ -124,7 +123,7 @@ def export_vectors(sparse, dense, store: ContentStore, item_ids: np.ndarray, use
         content, id_part, feat = dense.item_parts(emb[ITEM], emb[FRAME_CLUSTER], emb[TEXT_CLUSTER], frames, tokens, has_frames)
         counts = torch.tensor([positives_of[int(i)] for i in part], device=device)
         variants = {"full": dense.combine(content, id_part, torch.ones(len(part), device=device), counts),
-                    "content": F.normalize(content.float(), dim=-1)}
+                    "content": dense.as_new(content)}
         if dense.memer is not None:
             freq = torch.tensor([stage_of[int(i)] for i in part], device=device)
             variants |= {f"early_{s}": v for s, v in dense.memer.early(feat, freq, variants["content"]).items()}
