@@ -83,7 +83,7 @@ class OptimConfig(BaseModel):
     batch_size: int = Field(256, ge=2, description="positive pairs per worker per step")
     dense_lr: float = Field(1e-3, gt=0)
     sparse_lr: float = Field(0.3, gt=0, description="RowWiseAdagrad's rate for the ID tables, whose rows start at unit norm "
-                             "(embeddings.tables.init_bound); an ID-only model learned alike from 0.15 to 0.5 (README: 'Tuning', measured)")
+                             "(embeddings.tables.init_bound); an ID-only model on them learned alike at 0.3 and 1.0 (README: 'Model', measured)")
     weight_decay: float = Field(0.01, ge=0)
     zero_stage: int = Field(1, ge=0, le=2)
     gradient_clipping: float = Field(1.0, ge=0)
