@@ -297,7 +297,7 @@ class DenseArch(nn.Module):
         """The unit vector of items known by their content alone (`combine` with no row, no positives):
         what a cold item is served with, and where MEMER's mapping starts from."""
         none = torch.zeros(len(content), device=content.device)
-        return self.combine(content, torch.zeros_like(content), none, none if self.popularity is not None else None)
+        return self.combine(content, torch.zeros_like(content), none, none)  # counts: read by the gate alone
 
     def forward(self, user_emb, item_emb, frame_cluster_emb, text_cluster_emb, frames, tokens, has_frames, id_keep,
                 item_counts=None, hist=None, pad=None, memer_inputs: tuple[torch.Tensor, ...] | None = None):
