@@ -156,6 +156,7 @@ class Worker:
         self.inflight: dict[int, np.ndarray] = {}  # fresh rows of batches built but not yet trained, by batch seq
         self.built = 0
         self.replay = ReplayWindow(o.replay_window)
+        self.skips = ReplayWindow(o.replay_window)  # recent skips (user, item, event) of announced items: extra negatives
         self.histories = Histories(m.history_length, m.user_rows)  # the users of this worker's partitions
         self.parts = owned_partitions(cfg.kafka.interaction_partitions, self.rank, self.world)
         self.shards = ShardCache(m.frames * m.clips, m.frame_size)
@@ -230,6 +231,7 @@ class Worker:
             else:
                 self._add_content(content)
         seen: list[int] = []
+        skipped: list[tuple[int, int, int]] = []
         for ev in self.stream.poll(timeout_ms):
             user = ev.user_id if type(ev.user_id) is int else self._name(ev.user_id)  # noqa: E721 - the hot path
             item = ev.item_id if type(ev.item_id) is int else self._name(ev.item_id)  # noqa: E721
@@ -237,6 +239,8 @@ class Worker:
             self.users.add(user)
             self.event_times.append((ev.partition, ev.offset, ev.kafka_ts))
             if not ev.positive:
+                if item in self.store:  # a skip of an item not announced yet teaches nothing: it has no content to encode
+                    skipped.append((user, item, EVENT_CODE[ev.event]))
                 continue
             if item in self.store:
                 self.fresh.append((user, item, ev.partition, ev.offset, EVENT_CODE[ev.event]))
@@ -246,6 +250,8 @@ class Worker:
                 self.waiting[item].append((user, ev.partition, ev.offset, EVENT_CODE[ev.event]))
         if seen:
             self.counts.add(np.array(seen, np.int64))
+        if skipped:
+            self.skips.add(np.array(skipped, np.int64))
 
     def _fit_clusters(self) -> None:
         """Rank 0 fits k-means on the first announced items; every rank gets the same centroids."""
@@ -305,6 +311,9 @@ class Worker:
         ok = np.isin(kept[:, 1], list(self.store.items))
         self.replay = ReplayWindow(len(self.replay.pairs))
         self.replay.add(kept[ok])
+        skips = self.skips.ordered()  # negatives only: those of items gone are let go, not counted as lost
+        self.skips = ReplayWindow(len(self.skips.pairs))
+        self.skips.add(skips[np.isin(skips[:, 1], list(self.store.items))])
         before = len(self.fresh)
         self.fresh = [p for p in self.fresh if p[1] in self.store]
         self.dropped_unknown_item += before - len(self.fresh) + int((~ok).sum())
@@ -327,8 +336,10 @@ class Worker:
         self.item_updates.add(pairs[:, 1])
         m = self.cfg.model
         history = self.histories.get(pairs[:, 0]) if m.user_tower == "attention" else None
+        k = int(m.skip_negatives * b) if self.skips.size else 0
         batch = make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - m.id_dropout, self.rng, self.item_positives,
-                           self.user_positives, pairs[:, 2], m.memer_signals, self._mature, history, self.world)
+                           self.user_positives, pairs[:, 2], m.memer_signals, self._mature, history, self.world,
+                           negatives=self.skips.sample(self.rng, k)[:, 1])
         self.built += 1
         batch.seq = self.built
         self.inflight[batch.seq] = rows
@@ -528,7 +539,7 @@ class Worker:
             np.savez(d / f"counts-rank{self.rank}.npz", **{f"{name}_{part}": getattr(c, part)() for name, c in (
                 ("events", self.counts), ("item_positives", item_pos), ("user_positives", user_pos)) for part in ("keys", "values")})
             np.savez(d / f"buffers-rank{self.rank}.npz", replay=replay[: max(len(replay) - len(built), 0)],
-                     fresh=untrained, waiting=self._waiting_rows())
+                     fresh=untrained, waiting=self._waiting_rows(), skips=self.skips.ordered())
             np.savez(d / f"histories-rank{self.rank}.npz", **self.histories.state())
             (d / f"stream-rank{self.rank}.json").write_text(json.dumps({
                 "offsets": self.stream.positions(), "users": sorted(self.users), "step": self.step, "world": self.world,
@@ -582,6 +593,8 @@ class Worker:
             sharers = [r for r in range(self.world) if o % self.world == r or r % old_world == o]
             if self.rank in sharers:  # more workers than before: old replay windows are split between them
                 self.replay.add(buffers["replay"][sharers.index(self.rank)::len(sharers)])
+                if "skips" in buffers.files:  # older checkpoints kept no skips
+                    self.skips.add(buffers["skips"][sharers.index(self.rank)::len(sharers)])
             if o in mine:
                 counts = np.load(d / f"counts-rank{o}.npz")
                 for name, target in (("events", self.counts), ("item_positives", self.item_positives),

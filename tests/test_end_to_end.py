@@ -137,6 +137,32 @@ def test_a_worker_that_dies_mid_publish_is_restored_from_its_checkpoint(tmp_path
     assert [m["step"] for m in manifests] == sorted(m["step"] for m in manifests) and manifests[-1]["step"] == 30
 
 
+def test_items_people_only_skipped_train_a_row_as_negatives(tmp_path, broker):
+    """Four items announced and only ever skipped: as extra negatives of the softmax they are looked
+    up in training and hold an ID row at export; with `model.skip_negatives=0` they never do."""
+    from streaming.schema import ItemAnnouncement
+    from streaming.shards import encode_png, write_shard
+
+    prod = small_world(tmp_path, broker.bootstrap)
+    world = World.create(WorldConfig(n_users=200, initial_items=80, new_items=0, events_per_user=20))
+    skipped = range(1000, 1004)
+    url = write_shard(tmp_path / "skipped.tar", [{"item_id": i, "frames": [encode_png(f) for f in world.frames(i - 1000)],
+                                                  "text": world.caption(i - 1000)} for i in skipped])
+    for i in skipped:
+        prod.announce(ItemAnnouncement(i, url, 0.0))
+        for u in range(50):
+            prod.interaction(Interaction(u, i, "skip", 1.0))
+    prod.close()
+    rowless = {}
+    for share in ("0", "0.25"):
+        launch("train", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path), "--run-name", f"skips{share}", *SMALL,
+               "--workers", "1", "--set", "train.max_steps=20", "--set", "train.publish_every_steps=20", "--set", f"model.skip_negatives={share}")
+        index = IndexReader(tmp_path / f"skips{share}" / "index")
+        assert index.refresh() and set(skipped) <= set(index.current.item_ids)
+        rowless[share] = index.current.manifest["items_without_row"]
+    assert rowless["0.25"] + len(skipped) <= rowless["0"], rowless
+
+
 def test_unbounded_ids_train_evict_publish_and_rank_by_raw_id(tmp_path, broker):
     """String and 64-bit integer ids, 10x more distinct users and items than table rows: the run
     trains, evicts (counted), publishes every item (those without a row by content), and the

@@ -26,6 +26,19 @@ def test_duplicate_items_are_not_negatives():
     assert torch.isfinite(base) and torch.isfinite(masked)
 
 
+def test_skipped_items_are_extra_negatives_but_never_a_rows_own_item():
+    torch.manual_seed(3)
+    u = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    ids = torch.tensor([1, 2, 3, 4])
+    plain = in_batch_softmax_loss(u, v, torch.arange(4), ids, 0.2)
+    skipped = in_batch_softmax_loss(u, v, torch.arange(4), ids, 0.2, negatives=u[:2], negative_ids=torch.tensor([7, 8]))
+    assert (skipped > plain).item()  # a skipped item close to the user is a hard negative
+    # a skipped copy of row 0's own positive is masked for row 0 only: row 0's term is as without it
+    own = in_batch_softmax_loss(u[:1], v[:1], torch.arange(1), ids[:1], 0.2, negatives=v[:1], negative_ids=ids[:1])
+    assert torch.isclose(own, torch.zeros(())), own
+
+
 def test_item_to_user_direction_only_when_symmetric():
     """The default ranks items for a user alone; `symmetric` adds seed 000's item -> user softmax,
     the only place where a user seen twice in the batch is masked."""

@@ -28,6 +28,8 @@ def test_store_grows_and_batches_keep_their_content():
     rng = np.random.default_rng(1)
     batch = make_batch(np.array([0, 1, 2]), np.array([104, 100, 104]), store, 1.0, rng, KeyedCounts(), KeyedCounts())
     assert batch.slots.tolist() == [0, 4] and batch.item_index.tolist() == [1, 0, 1]
+    with_skips = make_batch(np.array([0, 1]), np.array([104, 100]), store, 1.0, rng, KeyedCounts(), KeyedCounts(), negatives=np.array([102, 104]))
+    assert with_skips.slots.tolist() == [0, 2, 4] and with_skips.item_index.tolist() == [2, 0] and with_skips.negative_index.tolist() == [1, 2]
     frames_before = batch.content[0]
     for i in range(20):
         store.add(200 + i, np.zeros((2, 16, 16, 3), np.uint8), False, "x", 0, 0)

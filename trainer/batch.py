@@ -149,6 +149,8 @@ class Batch:
     user_ids: torch.Tensor  # [B]
     item_ids: torch.Tensor  # [B]
     item_index: torch.Tensor  # [B] -> row of the distinct-item tensors below
+    negative_ids: torch.Tensor  # [K] skipped items, extra negatives of the softmax
+    negative_index: torch.Tensor  # [K] -> their rows of the distinct-item tensors
     slots: torch.Tensor  # [U] content-store slot of each distinct item
     id_keep: torch.Tensor  # [U]
     item_log_q: torch.Tensor  # [B] log share of positives that went to this example's item
@@ -167,7 +169,7 @@ class Batch:
     seq: int = -1  # numbered by whoever builds batches, to track which are not yet trained
 
     # what travels host -> device with the batch (the content is on the device already)
-    MOVED = ("kjt", "user_ids", "item_ids", "item_index", "slots", "id_keep", "item_log_q", "user_log_q", "labels", "mature", "freq",
+    MOVED = ("kjt", "user_ids", "item_ids", "item_index", "negative_ids", "negative_index", "slots", "id_keep", "item_log_q", "user_log_q", "labels", "mature", "freq",
              "item_counts", "hist_index", "hist_pad")
 
     def _map(self, fn) -> "Batch":
@@ -237,13 +239,16 @@ def with_history(store: ContentStore, items: np.ndarray, hist: np.ndarray) -> tu
 def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_keep_prob: float, rng: np.random.Generator,
                item_positives: KeyedCounts, user_positives: KeyedCounts, events: np.ndarray | None = None,
                signals: list[str] = (), mature: Callable[[np.ndarray], np.ndarray] | None = None,
-               history: np.ndarray | None = None, count_scale: int = 1) -> Batch:
+               history: np.ndarray | None = None, count_scale: int = 1, negatives: np.ndarray | None = None) -> Batch:
     """item_positives / user_positives: positives seen so far per item / user (for the logQ correction
     and, times `count_scale` (the workers sharing the stream), the popularity gate).
     events: the event code (index in EVENT_TYPES) per example; mature: whether MEMER may learn from
     each of the given items; history [B, L]: each example's user's recent positives (trainer.history),
-    the example's own item masked out. The stage MEMER's decoder is told in training is drawn at random (see trainer.memer)."""
-    uniq, index = np.unique(items, return_inverse=True)
+    the example's own item masked out. The stage MEMER's decoder is told in training is drawn at random (see trainer.memer).
+    negatives [K]: skipped items, encoded with the batch's items (their own rows, content and dropout)."""
+    negatives = np.zeros(0, np.int64) if negatives is None else np.asarray(negatives, np.int64)
+    uniq, index = np.unique(np.concatenate([np.asarray(items, np.int64), negatives]), return_inverse=True)
+    index, negative_index = index[:len(items)], index[len(items):]
     slots = store.slots(uniq)
     total = item_positives.total
     events = np.full(len(items), EVENT_TYPES.index("like")) if events is None else events
@@ -255,6 +260,8 @@ def make_batch(users: np.ndarray, items: np.ndarray, store: ContentStore, id_kee
         user_ids=torch.from_numpy(users.astype(np.int64)),
         item_ids=torch.from_numpy(items.astype(np.int64)),
         item_index=torch.from_numpy(index.astype(np.int64)),
+        negative_ids=torch.from_numpy(negatives),
+        negative_index=torch.from_numpy(negative_index.astype(np.int64)),
         slots=torch.from_numpy(slots),
         id_keep=torch.from_numpy((rng.random(len(uniq)) < id_keep_prob).astype(np.float32)),
         item_log_q=log_share(item_positives, items, total),

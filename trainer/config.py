@@ -40,6 +40,9 @@ class ModelConfig(BaseModel):
                                "negatives dominate it (README: 'Tuning', measured)")
     id_dropout: float = Field(0.5, ge=0, le=1, description="share of training items seen as new (the shared new-item ID part, "
                               "no positives for the gate), so the content path learns to place them (CLCRec's hybrid training, rho = 1 - id_dropout)")
+    skip_negatives: float = Field(0.25, ge=0, description="recent skipped items drawn as extra negatives of every "
+                                  "step's softmax, as a share of batch_size: an item people were shown and passed over "
+                                  "is not new, and without them an item with skips alone never trained a row (softmax losses; 0: off)")
     maturity_threshold: int = Field(5, ge=0, description="interactions before an item's ID embedding is used in the served "
                                     "vector, until the embedding-stability curve has measured M (see maturity_epsilon)")
     maturity_epsilon: float = Field(0.02, gt=0, lt=2, description="M is the interaction count from which the median "

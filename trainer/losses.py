@@ -9,8 +9,11 @@ import torch.nn.functional as F
 
 def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, user_ids: torch.Tensor, item_ids: torch.Tensor, temperature: float,
                           item_log_q: torch.Tensor | None = None, user_log_q: torch.Tensor | None = None,
-                          symmetric: bool = False) -> torch.Tensor:
+                          symmetric: bool = False, negatives: torch.Tensor | None = None,
+                          negative_ids: torch.Tensor | None = None) -> torch.Tensor:
     """users, items: [B, D] unit vectors of positive pairs; row b's positive is column b.
+    negatives [K, D] (ids [K]): skipped items, extra columns of every user's softmax (no logQ: they are
+    sampled by skips, and being passed over is what they should learn); a row's own item is masked.
 
     The retrieval task ranks items for a user, so the loss is the user -> item softmax; `symmetric`
     adds seed 000's item -> user direction (eq. 1). In an ID-only probe it cost ranking quality (an
@@ -30,7 +33,11 @@ def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, user_ids: to
     diag = torch.eye(len(users), dtype=torch.bool, device=users.device)
     same_item = (item_ids[None, :] == item_ids[:, None]) & ~diag
     target = torch.arange(len(users), device=users.device)
-    user_to_item = F.cross_entropy(user_to_item_logits.masked_fill(same_item, float("-inf")), target)
+    user_to_item_logits = user_to_item_logits.masked_fill(same_item, float("-inf"))
+    if negatives is not None and len(negatives):
+        skipped = (users @ negatives.T / temperature).masked_fill(item_ids[:, None] == negative_ids[None, :], float("-inf"))
+        user_to_item_logits = torch.cat([user_to_item_logits, skipped], 1)
+    user_to_item = F.cross_entropy(user_to_item_logits, target)
     if not symmetric:
         return user_to_item
     item_to_user_logits = (raw if user_log_q is None else raw - user_log_q[:, None]).T

@@ -45,7 +45,7 @@ class TrainStep:
             loss = bpr_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature)
         else:
             loss = in_batch_softmax_loss(users, items[b.item_index], b.user_ids, b.item_ids, self.temperature, b.item_log_q, b.user_log_q,
-                                         symmetric=self.loss == "symmetric")
+                                         symmetric=self.loss == "symmetric", negatives=items[b.negative_index], negative_ids=b.negative_ids)
         loss = loss + aux_loss
         self.engine.backward(loss)
         self.engine.step()
