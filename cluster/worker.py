@@ -239,8 +239,7 @@ class Worker:
             self.users.add(user)
             self.event_times.append((ev.partition, ev.offset, ev.kafka_ts))
             if not ev.positive:
-                if item in self.store:  # a skip of an item not announced yet teaches nothing: it has no content to encode
-                    skipped.append((user, item, EVENT_CODE[ev.event]))
+                skipped.append((user, item, EVENT_CODE[ev.event]))  # drawn once its item has content (`_skipped_items`)
                 continue
             if item in self.store:
                 self.fresh.append((user, item, ev.partition, ev.offset, EVENT_CODE[ev.event]))
@@ -311,9 +310,9 @@ class Worker:
         ok = np.isin(kept[:, 1], list(self.store.items))
         self.replay = ReplayWindow(len(self.replay.pairs))
         self.replay.add(kept[ok])
-        skips = self.skips.ordered()  # negatives only: those of items gone are let go, not counted as lost
+        skips = self.skips.ordered()  # negatives only: those of items whose shard is gone are let go, not counted as lost
         self.skips = ReplayWindow(len(self.skips.pairs))
-        self.skips.add(skips[np.isin(skips[:, 1], list(self.store.items))])
+        self.skips.add(skips[~np.isin(skips[:, 1], list(self.shards.skipped))])
         before = len(self.fresh)
         self.fresh = [p for p in self.fresh if p[1] in self.store]
         self.dropped_unknown_item += before - len(self.fresh) + int((~ok).sum())
@@ -339,11 +338,17 @@ class Worker:
         k = int(m.skip_negatives * b) if self.skips.size else 0
         batch = make_batch(pairs[:, 0], pairs[:, 1], self.store, 1.0 - m.id_dropout, self.rng, self.item_positives,
                            self.user_positives, pairs[:, 2], m.memer_signals, self._mature, history, self.world,
-                           negatives=self.skips.sample(self.rng, k)[:, 1])
+                           negatives=self._skipped_items(k))
         self.built += 1
         batch.seq = self.built
         self.inflight[batch.seq] = rows
         return batch
+
+    def _skipped_items(self, k: int) -> np.ndarray:
+        """k recent skips' items, less those without content yet (announced later, or never: a skip
+        may arrive before its item's announcement, or during the first k-means fit)."""
+        items = self.skips.sample(self.rng, k)[:, 1]
+        return items[np.fromiter((i in self.store for i in items.tolist()), bool, len(items))]
 
     def _mature(self, items: np.ndarray) -> np.ndarray:
         """Whether MEMER may learn from each item: mature at the last publication, or before any

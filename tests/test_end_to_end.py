@@ -143,16 +143,18 @@ def test_items_people_only_skipped_train_a_row_as_negatives(tmp_path, broker):
     from streaming.schema import ItemAnnouncement
     from streaming.shards import encode_png, write_shard
 
-    prod = small_world(tmp_path, broker.bootstrap)
+    ensure_topics(KafkaConfig(), broker.bootstrap)
     world = World.create(WorldConfig(n_users=200, initial_items=80, new_items=0, events_per_user=20))
     skipped = range(1000, 1004)
     url = write_shard(tmp_path / "skipped.tar", [{"item_id": i, "frames": [encode_png(f) for f in world.frames(i - 1000)],
                                                   "text": world.caption(i - 1000)} for i in skipped])
+    first = EventProducer(KafkaConfig(), broker.bootstrap)  # first in the stream: read whatever the run's length
     for i in skipped:
-        prod.announce(ItemAnnouncement(i, url, 0.0))
+        first.announce(ItemAnnouncement(i, url, 0.0))
         for u in range(50):
-            prod.interaction(Interaction(u, i, "skip", 1.0))
-    prod.close()
+            first.interaction(Interaction(u, i, "skip", 0.0))
+    first.close()
+    small_world(tmp_path, broker.bootstrap).close()
     rowless = {}
     for share in ("0", "0.25"):
         launch("train", "--bootstrap-servers", broker.bootstrap, "--runs-dir", str(tmp_path), "--run-name", f"skips{share}", *SMALL,
