@@ -156,7 +156,7 @@ class Worker:
         self.inflight: dict[int, np.ndarray] = {}  # fresh rows of batches built but not yet trained, by batch seq
         self.built = 0
         self.replay = ReplayWindow(o.replay_window)
-        self.skips = ReplayWindow(o.replay_window)  # recent skips (user, item, event) of announced items: extra negatives
+        self.skips = ReplayWindow(o.replay_window)  # recent skips (user, item, event): extra negatives, drawn once their item has content
         self.histories = Histories(m.history_length, m.user_rows)  # the users of this worker's partitions
         self.parts = owned_partitions(cfg.kafka.interaction_partitions, self.rank, self.world)
         self.shards = ShardCache(m.frames * m.clips, m.frame_size)
@@ -239,7 +239,8 @@ class Worker:
             self.users.add(user)
             self.event_times.append((ev.partition, ev.offset, ev.kafka_ts))
             if not ev.positive:
-                skipped.append((user, item, EVENT_CODE[ev.event]))  # drawn once its item has content (`_skipped_items`)
+                if self.cfg.model.skip_negatives:  # kept only where they are drawn (`_skipped_items`)
+                    skipped.append((user, item, EVENT_CODE[ev.event]))
                 continue
             if item in self.store:
                 self.fresh.append((user, item, ev.partition, ev.offset, EVENT_CODE[ev.event]))
