@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OFF = ["model.user_tower=id", "model.interest_intensity=false", "model.orthogonality_weight=0", "model.popularity_gate=false",
        "model.loss=symmetric", "model.clcrec_weight=0", "model.alignment_weight=0", "model.infer_missing=false", "optim.lr_schedule=constant",
-       "model.skip_negatives=0"]
+       "model.skip_negatives=0", "model.cold_regression=false"]
 PARTS = {  # each part's settings on top of OFF
     "attention_tower": ["model.user_tower=attention"],
     "interest_intensity": ["model.user_tower=attention", "model.interest_intensity=true", "model.orthogonality_weight=1"],
@@ -29,6 +29,7 @@ PARTS = {  # each part's settings on top of OFF
     "cierec": ["model.infer_missing=true"],
     "lr_schedule": ["optim.lr_schedule=cosine"],
     "skip_negatives": ["model.skip_negatives=0.25"],
+    "cold_regression": ["model.cold_regression=true"],
 }
 VARIANTS = {"seed": []} | PARTS | {"all": sorted({s for p, sets in PARTS.items() if p != "bpr" for s in sets}), "defaults": None}
 

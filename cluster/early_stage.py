@@ -53,9 +53,11 @@ class MappedVersion:
             early = dict(e)
         return cls(manifest.get("maturity", {}).get("threshold", 5), early, mapper, content)
 
-    def remap(self, items: np.ndarray, counts: np.ndarray | None = None, withhold_images: bool = False) -> np.ndarray | None:
+    def remap(self, items: np.ndarray, counts: np.ndarray | None = None, withhold_images: bool = False,
+              regression: bool = True) -> np.ndarray | None:
         """The mapping's embedding of each item from its shard content, at the given interaction
-        counts (0: as if new), optionally as if it had no image; None when the version has no mapping."""
+        counts (0: as if new, served by the version's content regression unless `regression` is
+        False), optionally as if it had no image; None when the version has no mapping."""
         if self.mapper is None:
             return None
         cfg = self.mapper.cfg
@@ -65,7 +67,8 @@ class MappedVersion:
         has = np.array([float(c.has_frames and not withhold_images) if c else 0.0 for c in got])
         texts = [c.text if c else "" for c in got]
         counts = np.zeros(len(items)) if counts is None else counts
-        return np.concatenate([self.mapper.embed_content(frames[s:s + 256], has[s:s + 256], texts[s:s + 256], counts[s:s + 256])
+        return np.concatenate([self.mapper.embed_content(frames[s:s + 256], has[s:s + 256], texts[s:s + 256], counts[s:s + 256],
+                                                         regression=regression)
                                for s in range(0, len(items), 256)]) if len(items) else np.zeros((0, cfg.embedding_dim), np.float32)
 
 
@@ -103,7 +106,7 @@ def early_stage(pub: MappedVersion, users: dict[int, np.ndarray], test_pos: dict
         "tag_avg": leave_one_out,
         "content_only": e["content"][np.isin(e["ids"], mature_ids)],
     }
-    memer = pub.remap(mature_ids)
+    memer = pub.remap(mature_ids, regression=False)  # the regression was fitted on these very items: not a new item's view
     if memer is not None:
         methods["memer"] = memer
     u_pos = np.stack([users[u] for u, _ in pos_pairs])

@@ -21,7 +21,7 @@ from cluster.early_stage import MappedVersion, early_stage, transition
 from cluster.monitor import VersionWatcher
 from cluster.ray_job import run_training
 from cluster.services import broker_for
-from embeddings.clusters import TEXT_DIM, frame_descriptor, text_descriptor
+from embeddings.clusters import FRAME_DIM, TEXT_DIM, frame_descriptor, text_descriptor
 from embeddings.reader import IndexReader, LoadedVersion
 from streaming.datasets import Dataset, load_dataset
 from streaming.producer import EventProducer
@@ -30,6 +30,7 @@ from streaming.schema import POSITIVE_EVENTS
 from streaming.shards import read_shard
 from trainer import baselines
 from trainer.metrics import exact_scores, score_metrics
+from trainer.regression import ContentRegression
 
 log = logging.getLogger(__name__)
 STARTUP_RESERVE_S = 75.0  # Ray start, replay, final publication and scoring, inside the budget
@@ -263,9 +264,11 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
     content = {}
     for url in sorted({p.resolve().as_uri() for p in shard_dir.glob("*.tar")}):
         content.update(read_shard(url, 1, 32))
-    features = np.zeros((len(ds.item_ids), 8 * 8 * 3 + TEXT_DIM), np.float32)  # items whose shard failed: zeros
+    frame_desc = np.zeros((len(ds.item_ids), FRAME_DIM), np.float32)  # items whose shard failed: zeros
+    text_desc = np.zeros((len(ds.item_ids), TEXT_DIM), np.float32)
     for i, c in content.items():
-        features[i] = np.concatenate([frame_descriptor(c.frames), text_descriptor(c.text)])
+        frame_desc[i], text_desc[i] = frame_descriptor(c.frames), text_descriptor(c.text)
+    features = np.concatenate([frame_desc, text_desc], 1)
     tags = {i: set(c.meta.get("tags", [])) for i, c in content.items()}
     liked = [np.array(sorted(train_pos.get(u, ())), np.int64) for u in users]
     pos_count = np.zeros(len(ds.item_ids))
@@ -281,7 +284,8 @@ def score_split(reader: IndexReader, ds: Dataset, split: Split, threshold: float
 
     # the learned baselines: ALS on the training positives, and content regressed to its item factors
     user_f, item_f = baselines.als_factors(train_pos, len(ds.user_ids), len(ds.item_ids), seed)
-    content_f = np.where((pos_count > 0)[:, None], item_f, baselines.regressed_factors(features, item_f, np.flatnonzero(pos_count > 0), seed))
+    fit = pos_count > 0  # DeepMusic-style: the same content regression the model serves new items by, onto ALS's factors
+    content_f = np.where(fit[:, None], item_f, ContentRegression.fit(frame_desc[fit], text_desc[fit], item_f[fit], seed).raw(frame_desc, text_desc))
     als_users = user_f[np.array(users, np.int64)]
 
     def matrices(cands: np.ndarray, with_averages: bool) -> dict[str, np.ndarray]:

@@ -33,6 +33,7 @@ from embeddings.mapping import MAPPING_FILE, save_mapping
 from embeddings.layered import changed_rows
 from embeddings.maturity import StabilityCurve
 from embeddings.publish import NAMES_FILE, IndexPublisher
+from trainer.regression import REGRESSION_FILE, ContentRegression
 from embeddings.tables import evictions, holds_row, shard_sparse_arch
 from streaming.consumer import InteractionStream, ItemFeed, owned_partitions
 from streaming.schema import EVENT_TYPES, INT_ID_LIMIT, id_key
@@ -172,6 +173,7 @@ class Worker:
         self.encoder: torch.nn.Module | None = None
         self.encoder_clusters: tuple[np.ndarray, np.ndarray] | None = None  # cluster embeddings frozen with it
         self.since_encoder = 0
+        self.regression: ContentRegression | None = None  # rank 0: what new items are served by, refit with the encoder
         self.exported_maturity = -1  # the M the last export staged items with
         self.exported: tuple[np.ndarray, np.ndarray] | None = None  # (sorted items, [updates, count, has_row] at export)
         # Freshness: (partition, offset, broker time) of events not yet in a version; announcement times.
@@ -488,6 +490,10 @@ class Worker:
             return {}
         for g in small:
             self.names.update(g[3])
+        regressed = self._regress(ids, n, rowed, variants["full"], new_encoder)
+        if regressed is not None:  # items nobody has interacted with yet, and without a row
+            item_vecs = np.where((~rowed & (n == 0))[:, None], regressed, item_vecs)
+            variants["regressed"] = regressed
         info = {"step": self.step, "mature_items": int((counts >= self.maturity).sum()), "items_without_row": int((~has_row).sum()),
                 "evictions": evicted, "exported_items": int(todo.sum()), "encoder_renewed": bool(new_encoder), "kafka_offsets": {
             self.cfg.kafka.interactions_topic: {str(p): o for g in small for p, o in g[0].items()}},
@@ -505,6 +511,9 @@ class Worker:
             info["mapping"] = save_mapping(self.encoder, m, self.maturity, centroids, self.encoder_clusters,
                                            self.run_dir / f".{MAPPING_FILE}.rank0")
             extra[MAPPING_FILE] = lambda path: (self.run_dir / f".{MAPPING_FILE}.rank0").replace(path)
+        if self.regression is not None:
+            info["regression"] = self.regression.save(self.run_dir / f".{REGRESSION_FILE}.rank0.npz")
+            extra[REGRESSION_FILE] = lambda path: (self.run_dir / f".{REGRESSION_FILE}.rank0.npz").replace(path)
         named = {str(k): self.names[k] for k in (*items.tolist(), *users.tolist()) if k in self.names} if self.names else {}
         if named:  # string ids: the index is keyed by their int64 keys, and this says which string each is
             extra[NAMES_FILE] = lambda path: path.write_text(json.dumps(named))
@@ -518,6 +527,24 @@ class Worker:
                  pub.version, len(items), len(ids), info["mature_items"], self.maturity, len(users), self.step,
                  info["freshness"]["event_to_version_s"].get("p50"))
         return {"version": pub.version}
+
+    def _regress(self, ids: np.ndarray, counts: np.ndarray, rowed: np.ndarray, full: np.ndarray, refit: bool) -> np.ndarray | None:
+        """Rank 0: the content regression's vectors of `ids` (None when it is off or cannot be fitted).
+        With a new encoder version every item was exported, and the regression is refit onto the
+        served vectors of those with a row and an interaction."""
+        if not self.cfg.model.cold_regression:
+            return None
+        if refit:
+            fit = rowed & (counts > 0)
+            if not self.store.described:
+                log.warning("content regression: not fitted (the restored content store has no descriptors: an older "
+                            "checkpoint); new items are served by MEMER's mapping")
+            elif fit.sum() >= 2:
+                self.regression = ContentRegression.fit(*self.store.descriptors(ids[fit]), full[fit], seed=self.step)
+        if self.regression is None:
+            return None
+        chunk = 65_536  # the descriptors of a whole catalogue are not copied at once
+        return np.concatenate([self.regression.predict(*self.store.descriptors(ids[s:s + chunk])) for s in range(0, len(ids), chunk)])
 
     def publisher_takes_deltas(self) -> bool:
         """Rank 0's publisher decides for all: after a refused or first write, the next version is whole."""

@@ -19,6 +19,7 @@ import numpy as np
 from trainer.text import WORD
 
 TEXT_DIM = 512
+FRAME_DIM = 8 * 8 * 3
 
 
 def frame_descriptor(frames: np.ndarray) -> np.ndarray:

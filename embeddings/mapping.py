@@ -17,6 +17,7 @@ from torch import nn
 
 from streaming.shards import decode_frames, item_text
 from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
+from trainer.regression import REGRESSION_FILE, ContentRegression
 from trainer.config import ModelConfig
 from trainer.memer import stage
 from trainer.model import DenseArch
@@ -48,6 +49,7 @@ class EarlyStageMapper(nn.Module):
         self.dense = DenseArch(cfg)  # only its content path and MEMER are loaded and used
         self.frame_clusters, self.text_clusters = ClusterModel(clusters["frame_centroids"]), ClusterModel(clusters["text_centroids"])
         self.frame_rows, self.text_rows = (torch.as_tensor(clusters[k]) for k in ("frame_rows", "text_rows"))
+        self.regression: ContentRegression | None = None  # what the version serves items without interactions by
 
     @classmethod
     def load(cls, version_dir: str | Path) -> "EarlyStageMapper":
@@ -55,6 +57,8 @@ class EarlyStageMapper(nn.Module):
         mapper = cls(ModelConfig.model_validate(blob["config"]), blob["maturity"], {k: v.numpy() for k, v in blob["clusters"].items()})
         for name, state in blob["state"].items():
             getattr(mapper.dense, name).load_state_dict(state)
+        if (Path(version_dir) / REGRESSION_FILE).exists():
+            mapper.regression = ContentRegression.load(Path(version_dir) / REGRESSION_FILE)
         return mapper.eval()
 
     @property
@@ -63,18 +67,25 @@ class EarlyStageMapper(nn.Module):
 
     @torch.no_grad()
     def embed_content(self, frames: np.ndarray, has_frames: np.ndarray, texts: list[str], counts: np.ndarray,
-                      signal: str | None = None) -> np.ndarray:
+                      signal: str | None = None, regression: bool = True) -> np.ndarray:
         """frames uint8 [N, F, S, S, 3], has_frames [N], texts, interaction counts [N] -> unit
-        vectors [N, D] of `signal` (default: the first, the one the index serves)."""
-        fc = self.frame_clusters.assign(np.stack([frame_descriptor(f) for f in frames]))
-        tc = self.text_clusters.assign(np.stack([text_descriptor(t) for t in texts]))
+        vectors [N, D] of `signal` (default: the first, the one the index serves). An item without
+        interactions gets the version's content regression, as the index serves it, unless
+        `regression` is False (MEMER's mapping alone)."""
+        frame_desc = np.stack([frame_descriptor(f) for f in frames])  # blank frames (none, or withheld): zeros
+        text_desc = np.stack([text_descriptor(t) for t in texts])
+        fc, tc = self.frame_clusters.assign(frame_desc), self.text_clusters.assign(text_desc)
         tokens = np.stack([tokenize(t, self.cfg.text_vocab, self.cfg.text_len) for t in texts])
         n = len(frames)
         content, _, feat = self.dense.item_parts(torch.zeros(n, self.cfg.embedding_dim), self.frame_rows[fc], self.text_rows[tc],
                                            torch.as_tensor(frames), torch.as_tensor(tokens), torch.as_tensor(has_frames, dtype=torch.float32))
         freq = stage(torch.as_tensor(counts), self.maturity)
         base = self.dense.as_new(content)
-        return self.dense.memer.maps[signal or self.signals[0]].early(feat, freq, base).numpy()
+        out = self.dense.memer.maps[signal or self.signals[0]].early(feat, freq, base).numpy()
+        new = np.asarray(counts) == 0
+        if regression and self.regression is not None and new.any():
+            out[new] = self.regression.predict(frame_desc[new], text_desc[new])
+        return out
 
     def embed(self, images: list[bytes], title: str = "", tags: list[str] = (), count: int = 0,
               signal: str | None = None) -> np.ndarray:

@@ -245,6 +245,21 @@ def test_eval_protocol_on_a_movielens_slice(tmp_path):
     assert (val["chosen_version"], out["index_version"]) == (best["version"], best["version"])
     assert (tmp_path / "ev" / "validation.png").exists()
     assert set(out["cold_images_withheld"]) == {"with_images", "images_withheld"}
+    # items nobody interacted with (the cold and pseudo-cold ones) are served by the version's content
+    # regression, and the published mapping alone (what the service embeds a posted item with) gives the same vectors
+    import faiss
+
+    from cluster.early_stage import MappedVersion
+
+    version = tmp_path / "ev" / "index" / f"v{out['index_version']:06d}"  # a base: evaluation rebases every version
+    assert (version / "regression.npz").exists() and version.joinpath("manifest.json").read_text().count('"fitted_on"') == 1
+    pub = MappedVersion.load(version, tmp_path / "ev" / "shards")
+    new = pub.early["ids"][pub.early["counts"] == 0]
+    index = faiss.read_index(str(version / "items.faiss"))
+    served = np.stack([index.reconstruct(int(i)) for i in new])
+    assert len(new) > 10 and np.allclose(served, pub.early["regressed"][pub.early["counts"] == 0], atol=1e-5)
+    assert np.allclose(served, pub.remap(new), atol=1e-3)  # the trainer keeps descriptors in float16
+    assert not np.allclose(served, pub.remap(new, regression=False), atol=1e-2)
 
 
 def test_impossible_partition_setups_stop_at_start(tmp_path, broker):

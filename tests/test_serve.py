@@ -33,6 +33,7 @@ def publish_version(root: Path, step: int, n_items: int = 60, n_users: int = 8, 
     same `pub` twice and the same seed, the second is a delta segment (nothing changed)."""
     import torch
 
+    from embeddings.clusters import FRAME_DIM, TEXT_DIM
     from embeddings.mapping import MAPPING_FILE, save_mapping
     from embeddings.publish import IndexPublisher
     from trainer.model import DenseArch
@@ -45,7 +46,7 @@ def publish_version(root: Path, step: int, n_items: int = 60, n_users: int = 8, 
     items = np.arange(100, 100 + n_items)
     pub = pub or IndexPublisher(root)
     mapping = {}
-    clusters = (rng.normal(size=(4, 8 * 8 * 3)), rng.normal(size=(4, 512)))
+    clusters = (rng.normal(size=(4, FRAME_DIM)), rng.normal(size=(4, TEXT_DIM)))
     rows = (rng.normal(size=(4, 16)), rng.normal(size=(4, 16)))
     return pub.publish(items, unit(n_items), np.arange(n_users), unit(n_users), {"step": step, "mapping": mapping},
                        {MAPPING_FILE: lambda p: mapping.update(save_mapping(dense, cfg, 5, clusters, rows, p)),

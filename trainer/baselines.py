@@ -88,22 +88,3 @@ def als_factors(train_pos: dict[int, set[int]], n_users: int, n_items: int, seed
 
     best = max(ALS_GRID, key=recall) if len(users) else (64, 0.1, 1.0)
     return _als(train_pos, n_users, n_items, seed, *best)
-
-
-def regressed_factors(features: np.ndarray, factors: np.ndarray, fit_rows: np.ndarray, seed: int) -> np.ndarray:
-    """DeepMusic's idea, linear: content descriptors -> collaborative item factors, by ridge
-    regression on the items that have factors (`fit_rows`). The ridge strength is chosen on a
-    held-out tenth of those items, not on any test data. Returns factors for every row."""
-    mean, std = features[fit_rows].mean(0), features[fit_rows].std(0) + 1e-6
-    x = np.concatenate([(features - mean) / std, np.ones((len(features), 1))], 1)
-    rng = np.random.default_rng(seed)
-    held = rng.random(len(fit_rows)) < 0.1
-    fit, val = fit_rows[~held], fit_rows[held]
-
-    def solve(rows: np.ndarray, lam: float) -> np.ndarray:
-        a = x[rows]
-        return np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ factors[rows])
-
-    lams = [0.1, 1.0, 10.0, 100.0, 1000.0]
-    best = min(lams, key=lambda lam: float(((x[val] @ solve(fit, lam) - factors[val]) ** 2).mean()) if len(val) else 0.0)
-    return x @ solve(fit_rows, best)

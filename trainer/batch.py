@@ -119,10 +119,11 @@ class ContentStore:
                 getattr(self, name)[:n] = state[name]
         self.items = {int(i): slot for slot, i in enumerate(state["items"])}
 
-    def descriptors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(frame, text) descriptors [n, *] of every item, in slot order: what the clusters are fitted on."""
-        n = len(self.items)
-        return self.frame_desc[:n].astype(np.float32), self.text_desc[:n].astype(np.float32)
+    def descriptors(self, items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(frame, text) descriptors [n, *] of the given items (default: every item, in slot order):
+        what the clusters are fitted on, and what a new item's regressed vector is predicted from."""
+        at = np.arange(len(self.items)) if items is None else self.slots(items)
+        return self.frame_desc[at].astype(np.float32), self.text_desc[at].astype(np.float32)
 
     def slots(self, items: np.ndarray) -> np.ndarray:
         return np.fromiter((self.items[int(i)] for i in items), np.int64, len(items))
