@@ -33,7 +33,6 @@ from embeddings.mapping import MAPPING_FILE, save_mapping
 from embeddings.layered import changed_rows
 from embeddings.maturity import StabilityCurve
 from embeddings.publish import NAMES_FILE, IndexPublisher
-from trainer.regression import REGRESSION_FILE, ContentRegression
 from embeddings.tables import evictions, holds_row, shard_sparse_arch
 from streaming.consumer import InteractionStream, ItemFeed, owned_partitions
 from streaming.schema import EVENT_TYPES, INT_ID_LIMIT, id_key
@@ -43,6 +42,7 @@ from trainer.counts import KeyedCounts
 from trainer.history import Histories
 from trainer.memer import stage
 from trainer.model import DenseArch
+from trainer.regression import CHUNK, REGRESSION_FILE, ContentRegression
 from trainer.step import TrainStep, cluster_rows, export_vectors, gather_rows, lr_factor, run_progress, set_learning_rates
 
 log = logging.getLogger("coldstream.worker")
@@ -543,8 +543,8 @@ class Worker:
                 self.regression = ContentRegression.fit(*self.store.descriptors(ids[fit]), full[fit], seed=self.step)
         if self.regression is None:
             return None
-        chunk = 65_536  # the descriptors of a whole catalogue are not copied at once
-        return np.concatenate([self.regression.predict(*self.store.descriptors(ids[s:s + chunk])) for s in range(0, len(ids), chunk)])
+        # in chunks: the descriptors of a whole catalogue are not copied at once
+        return np.concatenate([self.regression.predict(*self.store.descriptors(ids[s:s + CHUNK])) for s in range(0, len(ids), CHUNK)])
 
     def publisher_takes_deltas(self) -> bool:
         """Rank 0's publisher decides for all: after a refused or first write, the next version is whole."""

@@ -17,10 +17,10 @@ from torch import nn
 
 from streaming.shards import decode_frames, item_text
 from embeddings.clusters import ClusterModel, frame_descriptor, text_descriptor
-from trainer.regression import REGRESSION_FILE, ContentRegression
 from trainer.config import ModelConfig
 from trainer.memer import stage
 from trainer.model import DenseArch
+from trainer.regression import REGRESSION_FILE, ContentRegression
 from trainer.text import tokenize
 
 MAPPING_FILE = "mapping.pt"

@@ -63,7 +63,7 @@ class ModelConfig(BaseModel):
     alignment_weight: float = Field(0.0, ge=0, description="weight of seed 000's frames <-> text alignment loss")
     cold_regression: bool = Field(True, description="serve an item without a row or an interaction by a ridge regression "
                                   "from its content descriptors onto the trained items' served vectors, refit with each encoder "
-                                  "version (embeddings.regression); off: by MEMER's mapping at stage 0 (the item tower's content path)")
+                                  "version (trainer/regression.py); off: by MEMER's mapping at stage 0 (the item tower's content path)")
     infer_missing: bool = Field(False, description="CIERec: infer a missing modality from the other, with gated fusion")
     memer_signals: list[str] = Field(["positive", "play"], description="one MEMER mapping per signal: 'positive' (any "
                                      "positive event) or an event type; the first serves early-stage items; [] turns MEMER off")
