@@ -74,17 +74,21 @@ class EarlyStageMapper(nn.Module):
         `regression` is False (MEMER's mapping alone)."""
         frame_desc = np.stack([frame_descriptor(f) for f in frames])  # blank frames (none, or withheld): zeros
         text_desc = np.stack([text_descriptor(t) for t in texts])
-        fc, tc = self.frame_clusters.assign(frame_desc), self.text_clusters.assign(text_desc)
-        tokens = np.stack([tokenize(t, self.cfg.text_vocab, self.cfg.text_len) for t in texts])
-        n = len(frames)
-        content, _, feat = self.dense.item_parts(torch.zeros(n, self.cfg.embedding_dim), self.frame_rows[fc], self.text_rows[tc],
-                                           torch.as_tensor(frames), torch.as_tensor(tokens), torch.as_tensor(has_frames, dtype=torch.float32))
-        freq = stage(torch.as_tensor(counts), self.maturity)
-        base = self.dense.as_new(content)
-        out = self.dense.memer.maps[signal or self.signals[0]].early(feat, freq, base).numpy()
-        new = np.asarray(counts) == 0
-        if regression and self.regression is not None and new.any():
+        counts = np.asarray(counts)
+        new = (counts == 0) if regression and self.regression is not None else np.zeros(len(frames), bool)
+        out = np.empty((len(frames), self.cfg.embedding_dim), np.float32)
+        if new.any():  # the regression alone: the encoders are not run for the items it serves
             out[new] = self.regression.predict(frame_desc[new], text_desc[new])
+        old = ~new
+        if old.any():
+            fc, tc = self.frame_clusters.assign(frame_desc[old]), self.text_clusters.assign(text_desc[old])
+            tokens = np.stack([tokenize(t, self.cfg.text_vocab, self.cfg.text_len) for t, keep in zip(texts, old) if keep])
+            content, _, feat = self.dense.item_parts(torch.zeros(int(old.sum()), self.cfg.embedding_dim), self.frame_rows[fc],
+                                                     self.text_rows[tc], torch.as_tensor(frames[old]), torch.as_tensor(tokens),
+                                                     torch.as_tensor(np.asarray(has_frames)[old], dtype=torch.float32))
+            freq = stage(torch.as_tensor(counts[old]), self.maturity)
+            base = self.dense.as_new(content)
+            out[old] = self.dense.memer.maps[signal or self.signals[0]].early(feat, freq, base).numpy()
         return out
 
     def embed(self, images: list[bytes], title: str = "", tags: list[str] = (), count: int = 0,
